@@ -1,0 +1,53 @@
+"""Reading stream history: the last message per subject, or everything from the start."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
+
+
+async def replay(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    last_per_subject: bool = False,
+    idle_timeout: float = 2.0,
+) -> AsyncIterator[Msg]:
+    """Yield the stored messages matching ``subject`` (oldest first), then stop.
+
+    Uses an ordered consumer; stops once the consumer reports nothing pending.
+    """
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except NotFoundError:
+        return
+    if not info.state.messages:
+        return
+    policy = api.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else api.DeliverPolicy.ALL
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=policy)
+    try:
+        ci = await sub.consumer_info()
+        if not (ci.num_pending or 0) + (ci.delivered.consumer_seq if ci.delivered else 0):
+            return
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except TimeoutError:
+                return
+            yield msg
+            if msg.metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def count(js: JetStreamContext, stream: str, subject: str) -> int:
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except NotFoundError:
+        return 0
+    return int(info.state.messages or 0)

@@ -1,0 +1,298 @@
+"""``fleet``: the command line. One function per verb; the work is in the SDK and services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from broker.names import InvalidName
+from broker.server import ServerError
+from clients.cli import stack, views
+from clients.sdk.client import FleetClient, FleetClientError
+from clients.sdk.jobfile import JobFileError
+from clients.sdk.jobfile import load as load_jobfile
+from fleet.core.records import RetryPolicy
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fleet: a worker fleet on NATS JetStream.")
+err = Console(stderr=True)
+T = TypeVar("T")
+
+NatsOpt = Annotated[
+    str | None,
+    typer.Option("--nats", help="NATS server URL(s), comma separated. Default: $FLEET_NATS_URL or embedded."),
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]fleet: error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except (FleetClientError, JobFileError, InvalidName, stack.NoServer, ServerError, ValueError) as exc:
+        _fail(str(exc))
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        _fail(f"cannot reach NATS: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING if not verbose else logging.DEBUG)
+
+
+# -- services --------------------------------------------------------------------------------------
+@app.command()
+def up(
+    nats: NatsOpt = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes to start.")] = 2,
+    concurrency: Annotated[int, typer.Option(help="Slots per worker.")] = 4,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval (s).")] = 2.0,
+    lease: Annotated[float, typer.Option(help="Lease (AckWait, s) when the queue is created.")] = 10.0,
+    store: Annotated[Path, typer.Option(help="Embedded JetStream store.")] = stack.STATE_DIR / "data",
+    verbose: bool = False,
+) -> None:
+    """Run the embedded JetStream, the scheduler and N local workers in the foreground (Ctrl-C stops all)."""
+    from fleet.scheduler.service import SchedulerSettings, serve
+
+    _logging(verbose)
+    stack.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with stack.server_or_embedded(nats, store, record=True) as url:
+        procs = [
+            stack.spawn(stack.worker_cmd(url, concurrency=concurrency, heartbeat=heartbeat, lease=lease))
+            for _ in range(workers)
+        ]
+        err.print(
+            f"fleet up: NATS {url}, scheduler + {workers} workers x {concurrency} slots. Ctrl-C to stop."
+        )
+        try:
+            asyncio.run(serve(url, SchedulerSettings()))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stack.stop_all(procs)
+    err.print("fleet up: stopped")
+
+
+@app.command()
+def scheduler(nats: NatsOpt = None, store: Path = stack.STATE_DIR / "data", verbose: bool = False) -> None:
+    """Run the scheduler service (starts an embedded server if no URL is given and none is running)."""
+    from fleet.scheduler.service import SchedulerSettings, serve
+
+    _logging(verbose)
+    existing = nats or stack.url_from_env() or stack.running_embedded(stack.STATE_DIR)
+    stack.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with stack.server_or_embedded(existing, store, record=existing is None) as url:
+        asyncio.run(serve(url, SchedulerSettings()))
+
+
+@app.command()
+def worker(
+    nats: NatsOpt = None,
+    queue: str = "default",
+    concurrency: Annotated[int, typer.Option(min=1)] = 4,
+    executor: Annotated[str, typer.Option(help="thread or process, for blocking handlers.")] = "thread",
+    heartbeat: float = 2.0,
+    lease: float = 10.0,
+    grace: Annotated[float, typer.Option(help="Seconds to finish running tasks on SIGTERM.")] = 30.0,
+    worker_id: Annotated[str | None, typer.Option("--id")] = None,
+    path: Annotated[list[Path] | None, typer.Option(help="Add to sys.path for handler imports.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run one worker: pull tasks of QUEUE and run them."""
+    from fleet.worker.runtime import WorkerSettings, serve
+
+    _logging(verbose)
+    for p in [Path.cwd(), *(path or [])]:
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    url = _url_or_fail(nats)
+    settings = WorkerSettings(
+        queue=queue,
+        concurrency=concurrency,
+        executor=executor,
+        heartbeat_s=heartbeat,
+        lease_s=lease,
+        grace_s=grace,
+        worker_id=worker_id or "",
+    )
+    asyncio.run(serve(url, settings))
+
+
+def _url_or_fail(nats: str | None) -> str:
+    try:
+        return stack.client_url(nats)
+    except stack.NoServer as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+# -- client verbs ----------------------------------------------------------------------------------
+@app.command()
+def submit(
+    jobfile: Path, nats: NatsOpt = None, job_id: Annotated[str | None, typer.Option("--id")] = None
+) -> None:
+    """Submit the sweep described by JOBFILE (YAML); prints the job id."""
+    try:
+        job, items = load_jobfile(jobfile)
+    except JobFileError as exc:
+        _fail(str(exc), 2)
+    url = _url_or_fail(nats)
+
+    async def go() -> str:
+        async with await FleetClient.connect(url) as fleet:
+            return await fleet.submit_job(
+                job.handler,
+                command=job.command,
+                items=items,
+                bundle=job.bundle,
+                job_id=job_id,
+                name=job.name,
+                args=job.args,
+                kwargs=job.kwargs,
+                tenant=job.tenant,
+                queue=job.queue,
+                priority=job.priority,
+                retry=RetryPolicy(max_attempts=job.retries + 1, backoff_s=job.backoff),
+                timeout_s=job.timeout,
+                resources=job.resources,
+                labels=job.labels,
+            )
+
+    print(_run(go))
+
+
+@app.command()
+def status(
+    job: Annotated[str | None, typer.Argument()] = None,
+    nats: NatsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Counts by state for JOB (or every job)."""
+    url = _url_or_fail(nats)
+
+    async def go() -> list[Any]:
+        async with await FleetClient.connect(url) as fleet:
+            if job is None:
+                return await fleet.jobs()
+            record = await fleet.job(job)
+            if record is None:
+                raise FleetClientError(f"no job {job!r} (unknown, or older than the history window)")
+            return [record]
+
+    records = _run(go)
+    if as_json:
+        out = [views.job_json(r) for r in records]
+        print(json.dumps(out[0] if job else out, indent=2))
+    else:
+        Console().print(views.jobs_table(records))
+
+
+@app.command()
+def watch(job: str, nats: NatsOpt = None) -> None:
+    """Live progress bars for JOB, fed by its event stream."""
+    url = _url_or_fail(nats)
+
+    async def go() -> None:
+        async with await FleetClient.connect(url) as fleet:
+            if await fleet.job(job) is None:
+                raise FleetClientError(f"no job {job!r}")
+            await views.watch(fleet, job, Console())
+
+    _run(go)
+
+
+@app.command()
+def results(
+    job: str, nats: NatsOpt = None, out: Annotated[Path | None, typer.Option("--out")] = None
+) -> None:
+    """Results of JOB as JSONL (one line per item), to stdout or --out FILE."""
+    url = _url_or_fail(nats)
+
+    async def go() -> int:
+        async with await FleetClient.connect(url) as fleet:
+            if await fleet.job(job) is None:
+                raise FleetClientError(f"no job {job!r}")
+            fh = out.open("w") if out else sys.stdout
+            try:
+                return await views.write_results(fleet, job, fh)
+            finally:
+                if out:
+                    fh.close()
+
+    n = _run(go)
+    if out:
+        err.print(f"{n} results written to {out}")
+
+
+@app.command()
+def cancel(job: str, task: Annotated[str | None, typer.Option()] = None, nats: NatsOpt = None) -> None:
+    """Cancel JOB (or one --task of it): queued work is dropped, running work is stopped."""
+    url = _url_or_fail(nats)
+
+    async def go() -> None:
+        async with await FleetClient.connect(url) as fleet:
+            if await fleet.job(job) is None:
+                raise FleetClientError(f"no job {job!r}")
+            await fleet.cancel(job, task)
+
+    _run(go)
+    err.print(f"cancel requested for {job}{'/' + task if task else ''}")
+
+
+@app.command()
+def demo(
+    workers: int = 3,
+    points: int = 2000,
+    bundle: int = 20,
+    kill: Annotated[bool, typer.Option(help="kill -9 one worker midway")] = True,
+) -> None:
+    """The main job: a Monte Carlo sweep on an embedded fleet, with retries and a killed worker."""
+    from clients.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(workers=workers, points=points, bundle=bundle, kill=kill))
+
+
+@app.command()
+def bench(
+    tasks: int = 5000,
+    workers: int = 2,
+    concurrency: int = 64,
+    nats: NatsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """End-to-end throughput and latency of no-op tasks, beside bare JetStream as the ceiling."""
+    from clients.cli.bench import run_bench
+
+    raise typer.Exit(
+        run_bench(tasks=tasks, workers=workers, concurrency=concurrency, nats=nats, as_json=as_json)
+    )
+
+
+@app.command("bench-bare-worker", hidden=True)
+def bench_bare_worker(nats: str, batch: int = 256) -> None:
+    from clients.cli.bench import bare_worker
+
+    asyncio.run(bare_worker(nats, batch))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

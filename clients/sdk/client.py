@@ -1,0 +1,360 @@
+"""The Python SDK: submit work, follow it, collect results, cancel.
+
+::
+
+    async with await FleetClient.connect("nats://127.0.0.1:4222") as fleet:
+        job = await fleet.submit_job("examples.montecarlo:estimate", items=range(2000), bundle=20)
+        record = await fleet.wait_job(job)
+        async for task_id, value in fleet.results(job):
+            ...
+
+Submissions go to the intake stream (the scheduler validates and admits them); results are read
+from the reports stream and job summaries from the ``fleet_jobs`` KV bucket, so a client needs no
+connection to the scheduler itself. :class:`SyncFleetClient` wraps the same calls for plain code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from broker import blobs, names, reader
+from broker.connection import connect, shutdown
+from broker.provision import ensure_bus
+from broker.publisher import Publisher
+from fleet.core.ledger import attempt_id
+from fleet.core.records import (
+    CancelRequest,
+    DoneReport,
+    JobRecord,
+    JobSpec,
+    Payload,
+    Resources,
+    RetryPolicy,
+    TaskEnvelope,
+    TaskEvent,
+)
+from fleet.core.states import TERMINAL, TaskState
+
+SUBMIT_WINDOW = 1000
+"""Submissions published per bounded async window."""
+
+
+class FleetClientError(RuntimeError):
+    """Base of SDK errors."""
+
+
+class TaskFailed(FleetClientError):
+    def __init__(self, job_id: str, task_id: str, state: str, reason: str | None) -> None:
+        super().__init__(f"task {job_id}/{task_id} ended {state}: {reason or 'no reason given'}")
+        self.job_id, self.task_id, self.state, self.reason = job_id, task_id, state, reason
+
+
+class JobNotFound(FleetClientError):
+    pass
+
+
+def new_job_id() -> str:
+    return "j-" + uuid.uuid4().hex[:16]
+
+
+def task_id_for(index: int) -> str:
+    return f"t{index:07d}"
+
+
+class FleetClient:
+    def __init__(self, nc: NATS, *, own_connection: bool = True) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.pub = Publisher(self.js)
+        self._own = own_connection
+
+    @classmethod
+    async def connect(cls, url: str, *, provision: bool = True) -> FleetClient:
+        nc = await connect(url, name="fleet-client")
+        client = cls(nc)
+        if provision:
+            await ensure_bus(client.js)
+        return client
+
+    async def close(self) -> None:
+        if self._own:
+            with contextlib.suppress(Exception):
+                await shutdown(self.nc)
+
+    async def __aenter__(self) -> FleetClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- building ----------------------------------------------------------------------------------
+    async def envelope(
+        self,
+        *,
+        job_id: str,
+        task_id: str,
+        handler: str | None = None,
+        command: Sequence[str] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        items: Sequence[Any] | None = None,
+        tenant: str = "default",
+        queue: str = "default",
+        priority: int = 5,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+        resources: Resources | None = None,
+        idempotency_key: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> TaskEnvelope:
+        """Validate and build one task envelope (large inputs are offloaded to the object store)."""
+        inputs: dict[str, Any] = {"args": list(args), "kwargs": dict(kwargs or {})}
+        if items is not None:
+            inputs["items"] = list(items)
+        payload = Payload.model_validate(await blobs.make_payload(self.js, inputs))
+        return TaskEnvelope(
+            task_id=task_id,
+            job_id=job_id,
+            handler=handler,
+            command=list(command) if command is not None else None,
+            payload=payload,
+            tenant=tenant,
+            queue=queue,
+            priority=priority,
+            retry=retry or RetryPolicy(),
+            timeout_s=timeout_s,
+            resources=resources or Resources(),
+            idempotency_key=idempotency_key,
+            created_at=time.time(),
+            labels=dict(labels or {}),
+        )
+
+    # -- submitting --------------------------------------------------------------------------------
+    async def declare_job(
+        self,
+        job_id: str,
+        *,
+        name: str = "",
+        total: int | None,
+        tenant: str = "default",
+        queue: str = "default",
+    ) -> None:
+        spec = JobSpec(
+            job_id=job_id, name=name, total=total, tenant=tenant, queue=queue, created_at=time.time()
+        )
+        await self.pub.publish(names.intake_job(job_id), spec.to_wire(), msg_id=f"job:{job_id}")
+
+    async def submit_many(self, envelopes: Iterable[TaskEnvelope], *, window: int = SUBMIT_WINDOW) -> int:
+        """Publish envelopes in bounded windows; returns how many were submitted."""
+        batch: list[tuple[str, bytes, str | None]] = []
+        n = 0
+        for env in envelopes:
+            msg_id = f"idem:{env.tenant}:{env.idempotency_key}" if env.idempotency_key else None
+            msg_id = msg_id or attempt_id(env.job_id, env.task_id, env.attempt)
+            batch.append((names.intake_task(env.job_id, env.task_id), env.to_wire(), msg_id))
+            if len(batch) >= window:
+                await self.pub.publish_many(batch)
+                n += len(batch)
+                batch = []
+        if batch:
+            await self.pub.publish_many(batch)
+            n += len(batch)
+        return n
+
+    async def submit(
+        self,
+        handler: str | None = None,
+        *args: Any,
+        command: Sequence[str] | None = None,
+        job_id: str | None = None,
+        name: str = "",
+        **options: Any,
+    ) -> tuple[str, str]:
+        """Submit one task as a one-task job; returns ``(job_id, task_id)``."""
+        job_id = names.check_token(job_id or new_job_id(), "job id")
+        env = await self.envelope(
+            job_id=job_id, task_id=task_id_for(0), handler=handler, command=command, args=args, **options
+        )
+        await self.declare_job(
+            job_id,
+            name=name or (handler or " ".join(command or [])),
+            total=1,
+            tenant=env.tenant,
+            queue=env.queue,
+        )
+        await self.submit_many([env])
+        return job_id, env.task_id
+
+    async def submit_job(
+        self,
+        handler: str | None = None,
+        *,
+        items: Iterable[Any],
+        command: Sequence[str] | None = None,
+        bundle: int = 1,
+        job_id: str | None = None,
+        name: str = "",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        """Submit a sweep: ``items`` split into tasks of ``bundle`` items each. Returns the job id."""
+        if bundle < 1:
+            raise ValueError("bundle must be at least 1")
+        job_id = names.check_token(job_id or new_job_id(), "job id")
+        values = list(items)
+        chunks = [values[i : i + bundle] for i in range(0, len(values), bundle)]
+        queue, tenant = options.get("queue", "default"), options.get("tenant", "default")
+        await self.declare_job(
+            job_id, name=name or handler or "", total=len(chunks), tenant=tenant, queue=queue
+        )
+
+        async def build(i: int, chunk: list[Any]) -> TaskEnvelope:
+            return await self.envelope(
+                job_id=job_id,
+                task_id=task_id_for(i),
+                handler=handler,
+                command=command,
+                args=args,
+                kwargs=kwargs,
+                items=chunk,
+                **options,
+            )
+
+        for start in range(0, len(chunks), SUBMIT_WINDOW):
+            part = chunks[start : start + SUBMIT_WINDOW]
+            envs = [await build(start + j, c) for j, c in enumerate(part)]
+            await self.submit_many(envs)
+        return job_id
+
+    async def cancel(
+        self, job_id: str, task_id: str | None = None, reason: str = "cancelled by user"
+    ) -> None:
+        req = CancelRequest(job_id=job_id, task_id=task_id, reason=reason, at=time.time())
+        await self.pub.publish(names.intake_cancel(job_id), req.to_wire())
+
+    # -- following ---------------------------------------------------------------------------------
+    async def job(self, job_id: str) -> JobRecord | None:
+        kv = await self.js.key_value(names.JOBS_BUCKET)
+        try:
+            entry = await kv.get(names.check_token(job_id, "job id"))
+        except KeyNotFoundError:
+            return None
+        return JobRecord.from_wire(entry.value) if entry.value else None
+
+    async def jobs(self) -> list[JobRecord]:
+        kv = await self.js.key_value(names.JOBS_BUCKET)
+        try:
+            keys = await kv.keys()
+        except Exception:  # NoKeysError on an empty bucket
+            return []
+        records = [await self.job(k) for k in keys]
+        return sorted((r for r in records if r is not None), key=lambda r: r.created_at)
+
+    async def wait_job(self, job_id: str, timeout: float | None = None, poll: float = 0.2) -> JobRecord:
+        """Wait until a job has finished (every task terminal); returns its final summary."""
+        async with asyncio.timeout(timeout):
+            async for record in self.job_updates(job_id, poll=poll):
+                if record.finished:
+                    return record
+        raise JobNotFound(job_id)  # pragma: no cover - the iterator only ends on finish
+
+    async def job_updates(self, job_id: str, poll: float = 0.25) -> AsyncIterator[JobRecord]:
+        """Yield a job's summary whenever it changes, until it finishes (KV watch)."""
+        kv = await self.js.key_value(names.JOBS_BUCKET)
+        watcher = await kv.watch(names.check_token(job_id, "job id"))
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=max(poll, 1.0))
+                except TimeoutError:
+                    continue
+                if entry is None or not entry.value:
+                    continue
+                record = JobRecord.from_wire(entry.value)
+                yield record
+                if record.finished:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def state(self, job_id: str, task_id: str) -> TaskEvent | None:
+        """The latest state event of one task."""
+        try:
+            msg = await self.js.get_last_msg(
+                names.EVENTS_STREAM, names.event_subject(job_id, task_id, names.EVENT_STATE)
+            )
+        except NotFoundError:
+            return None
+        return TaskEvent.from_wire(msg.data or b"")
+
+    async def report(self, job_id: str, task_id: str) -> DoneReport | None:
+        try:
+            msg = await self.js.get_last_msg(names.REPORTS_STREAM, names.report_done(job_id, task_id))
+        except NotFoundError:
+            return None
+        return DoneReport.from_wire(msg.data or b"")
+
+    async def value(self, report: DoneReport) -> Any:
+        if report.result is None:
+            return None
+        return await blobs.load_payload(self.js, report.result.model_dump(exclude_none=True))
+
+    async def result(self, job_id: str, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for one task to finish; return its value or raise :class:`TaskFailed`."""
+        sub = await self.nc.subscribe(names.event_subject(job_id, task_id, names.EVENT_STATE))
+        try:
+            async with asyncio.timeout(timeout):
+                event = await self.state(job_id, task_id)
+                while event is None or event.state not in TERMINAL:
+                    event = TaskEvent.from_wire((await sub.next_msg(timeout=None)).data)
+        finally:
+            await sub.unsubscribe()
+        if event.state != TaskState.SUCCEEDED:
+            raise TaskFailed(job_id, task_id, str(event.state), event.reason)
+        report = await self.report(job_id, task_id)
+        if report is None:
+            raise TaskFailed(job_id, task_id, "succeeded", "result record missing (expired from history?)")
+        return await self.value(report)
+
+    async def results(self, job_id: str) -> AsyncIterator[tuple[DoneReport, Any]]:
+        """Every task's last reported outcome with its decoded value, in stream order."""
+        subject = names.job_results_filter(names.check_token(job_id, "job id"))
+        async for msg in reader.replay(self.js, names.REPORTS_STREAM, subject, last_per_subject=True):
+            report = DoneReport.from_wire(msg.data)
+            yield report, await self.value(report)
+
+    async def events(
+        self, job_id: str, task_id: str | None = None, *, history: bool = True
+    ) -> AsyncIterator[TaskEvent | JobRecord]:
+        """Stream a job's (or one task's) events: state changes, progress, log lines, job summaries."""
+        from nats.js import api
+
+        subject = names.task_events_filter(job_id, task_id) if task_id else names.job_events_filter(job_id)
+        policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.NEW
+        sub = await self.js.subscribe(
+            subject, stream=names.EVENTS_STREAM, ordered_consumer=True, deliver_policy=policy
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                if msg.subject.endswith("." + names.EVENT_JOB):
+                    yield JobRecord.from_wire(msg.data)
+                else:
+                    yield TaskEvent.from_wire(msg.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

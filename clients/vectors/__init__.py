@@ -1,0 +1,1 @@
+"""Shared wire-protocol test vectors (see ``clients/PROTOCOL.md``, "Test vectors")."""

@@ -1,0 +1,77 @@
+"""The task state machine: every state, every legal move, in one place.
+
+::
+
+                 +-------------- cancel ---------------+
+                 |                                     v
+    (submit) -> QUEUED -> RUNNING -> SUCCEEDED     CANCELLED
+                 ^  ^        |  \\
+                 |  |        |   +-> FAILED  (attempt failed, no retry left or not retryable)
+                 |  |        |   +-> DEAD    (poison: rejected input, lease lost too often)
+                 |  +- lease lost (worker died; JetStream redelivers) -+
+                 |           v
+                 +------- RETRYING (attempt failed, waits out its backoff)
+
+A submission the scheduler cannot admit (bad fields, unknown encoding) goes straight to DEAD with a
+dead-letter record. Terminal states never change again.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    """Admitted; waiting in the work queue for a worker."""
+    RUNNING = "running"
+    """Held by a worker under a lease that its heartbeats keep alive."""
+    RETRYING = "retrying"
+    """An attempt failed; the next attempt is scheduled after a backoff."""
+    SUCCEEDED = "succeeded"
+    """The handler returned; the result is stored."""
+    FAILED = "failed"
+    """The last attempt failed and the retry policy allows no more."""
+    DEAD = "dead"
+    """Never runnable: rejected at admission or poison; a dead-letter record says why."""
+    CANCELLED = "cancelled"
+    """Cancelled by a user before it finished."""
+
+
+TERMINAL: frozenset[TaskState] = frozenset(
+    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DEAD, TaskState.CANCELLED}
+)
+
+TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
+    None: frozenset({TaskState.QUEUED, TaskState.DEAD, TaskState.CANCELLED}),
+    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.DEAD}),
+    TaskState.RUNNING: frozenset(
+        {
+            TaskState.SUCCEEDED,
+            TaskState.FAILED,
+            TaskState.RETRYING,
+            TaskState.QUEUED,  # lease lost: requeued for another worker
+            TaskState.CANCELLED,
+            TaskState.DEAD,
+        }
+    ),
+    TaskState.RETRYING: frozenset({TaskState.QUEUED, TaskState.CANCELLED}),
+    TaskState.SUCCEEDED: frozenset(),
+    TaskState.FAILED: frozenset(),
+    TaskState.DEAD: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A move the state machine does not allow."""
+
+
+def can_move(src: TaskState | None, dst: TaskState) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+def check_move(src: TaskState | None, dst: TaskState) -> TaskState:
+    if not can_move(src, dst):
+        raise IllegalTransition(f"task cannot move from {src or 'new'} to {dst}")
+    return dst
