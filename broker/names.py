@@ -53,7 +53,7 @@ EVENT_PROGRESS = "progress"
 EVENT_LOG = "log"
 EVENT_JOB = "job"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_:-]{1,128}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class InvalidName(ValueError):
@@ -62,13 +62,13 @@ class InvalidName(ValueError):
 
 def check_token(value: str, what: str = "name") -> str:
     """Return ``value`` if it is a safe subject token, else raise :class:`InvalidName`."""
-    if not isinstance(value, str) or not _TOKEN.match(value):
-        raise InvalidName(f"invalid {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 _ : -")
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise InvalidName(f"invalid {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 _ -")
     return value
 
 
 def is_token(value: object) -> bool:
-    return isinstance(value, str) and bool(_TOKEN.match(value))
+    return isinstance(value, str) and bool(_TOKEN.fullmatch(value))
 
 
 # ---- intake -------------------------------------------------------------------------------------
@@ -173,6 +173,22 @@ CANCELS = f"{PREFIX}.ctl.cancel.*"
 
 def cancel_subject(job: str) -> str:
     return f"{PREFIX}.ctl.cancel.{job}"
+
+
+def task_of(subject: str) -> tuple[str | None, str | None]:
+    """(job, task) named by an intake task/retry, a task or a done-report subject, else (None, None)."""
+    t = subject.split(".")
+    if t[0] != PREFIX or (len(t) != 5 and len(t) != 6):
+        return None, None
+    if (
+        (t[1] == "intake" and t[2] in ("task", "retry") and len(t) == 5)
+        or (t[1] == "report" and t[2] == "done" and len(t) == 5)
+        or (t[1] == "task" and len(t) == 5)
+    ):
+        job, task = t[3], t[4]
+    else:
+        return None, None
+    return (job, task) if is_token(job) and is_token(task) else (None, None)
 
 
 def parse(subject: str) -> list[str]:

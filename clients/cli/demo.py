@@ -31,6 +31,7 @@ from fleet.scheduler.service import Scheduler, SchedulerSettings
 
 HEARTBEAT_S = 0.5
 LEASE_S = 2.0
+SAMPLES = 10_000
 
 
 def run_demo(*, workers: int, points: int, bundle: int, kill: bool) -> int:
@@ -45,7 +46,7 @@ def run_demo(*, workers: int, points: int, bundle: int, kill: bool) -> int:
                 stack.worker_cmd(
                     server.url, concurrency=4, heartbeat=HEARTBEAT_S, lease=LEASE_S, worker_id=f"demo-w{i}"
                 ),
-                quiet=False,
+                log=store / f"worker-{i}.log",
             )
             for i in range(workers)
         ]
@@ -95,7 +96,7 @@ async def _sweep(
             items=range(points),
             bundle=bundle,
             name="monte-carlo-pi",
-            kwargs={"samples": 20_000},
+            kwargs={"samples": SAMPLES},
             retry=RetryPolicy(max_attempts=3, backoff_s=0.2),
             timeout_s=120,
         )
@@ -162,7 +163,7 @@ def _summary(
     ]:
         table.add_row(k, v)
     console.print(table)
-    good = ok == r.total and samples == points * 20_000
+    good = ok == r.total and samples == points * SAMPLES
     with contextlib.suppress(Exception):
         console.print(
             "[green]demo passed[/green]" if good else "[red]demo FAILED: not every task succeeded[/red]"

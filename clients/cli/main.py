@@ -13,8 +13,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from broker.connection import url_from_env
 from broker.names import InvalidName
-from broker.server import ServerError
+from broker.server import ServerError, running_embedded
 from clients.cli import stack, views
 from clients.sdk.client import FleetClient, FleetClientError
 from clients.sdk.jobfile import JobFileError
@@ -94,7 +95,7 @@ def scheduler(nats: NatsOpt = None, store: Path = stack.STATE_DIR / "data", verb
     from fleet.scheduler.service import SchedulerSettings, serve
 
     _logging(verbose)
-    existing = nats or stack.url_from_env() or stack.running_embedded(stack.STATE_DIR)
+    existing = nats or url_from_env() or running_embedded(stack.STATE_DIR)
     stack.STATE_DIR.mkdir(parents=True, exist_ok=True)
     with stack.server_or_embedded(existing, store, record=existing is None) as url:
         asyncio.run(serve(url, SchedulerSettings()))

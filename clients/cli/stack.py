@@ -81,12 +81,15 @@ def worker_cmd(
     return cmd
 
 
-def spawn(cmd: list[str], *, quiet: bool = False) -> subprocess.Popen[bytes]:
-    out = subprocess.DEVNULL if quiet else None
+def spawn(cmd: list[str], *, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a child in its own session; its output goes to ``log`` if given, else ours."""
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     )
-    return subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True)
+    if log is None:
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    with log.open("ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None:

@@ -7,7 +7,7 @@ import time
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clients.sdk.client import FleetClient
@@ -63,7 +63,7 @@ async def watch(fleet: FleetClient, job_id: str, console: Console) -> JobRecord 
     )
     with Progress(*columns, console=console, transient=False) as bar:
         overall = bar.add_task(job_id, total=None, extra="")
-        running: dict[str, tuple[int, float]] = {}
+        running: dict[str, tuple[TaskID, float]] = {}
         async for ev in fleet.events(job_id):
             if isinstance(ev, JobRecord):
                 extra = " ".join(f"{s}={ev.counts[s]}" for s in STATE_ORDER if ev.counts.get(s))
@@ -75,23 +75,27 @@ async def watch(fleet: FleetClient, job_id: str, console: Console) -> JobRecord 
     return None
 
 
-def _task_bar(bar: Progress, running: dict[str, tuple[int, float]], ev: TaskEvent) -> None:
+def _task_bar(bar: Progress, running: dict[str, tuple[TaskID, float]], ev: TaskEvent) -> None:
     key = ev.task_id
     if ev.kind == "progress" and ev.progress is not None:
         if key not in running and len(running) < 8:
             running[key] = (bar.add_task(f"  {key}", total=1.0, extra=""), time.monotonic())
         if key in running:
             bar.update(running[key][0], completed=ev.progress, extra=ev.message or "")
-    elif ev.kind == "state" and ev.state in (
-        TaskState.SUCCEEDED,
-        TaskState.FAILED,
-        TaskState.CANCELLED,
-        TaskState.DEAD,
-        TaskState.RETRYING,
-        TaskState.QUEUED,
+    elif (
+        ev.kind == "state"
+        and ev.state
+        in (
+            TaskState.SUCCEEDED,
+            TaskState.FAILED,
+            TaskState.CANCELLED,
+            TaskState.DEAD,
+            TaskState.RETRYING,
+            TaskState.QUEUED,
+        )
+        and key in running
     ):
-        if key in running:
-            bar.remove_task(running.pop(key)[0])
+        bar.remove_task(running.pop(key)[0])
 
 
 async def write_results(fleet: FleetClient, job_id: str, out: IO[str]) -> int:

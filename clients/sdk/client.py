@@ -278,7 +278,7 @@ class FleetClient:
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=max(poll, 1.0))
+                    entry = await watcher.updates(timeout=max(poll, 1.0))  # type: ignore[no-untyped-call]
                 except TimeoutError:
                     continue
                 if entry is None or not entry.value:
@@ -289,7 +289,7 @@ class FleetClient:
                     return
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def state(self, job_id: str, task_id: str) -> TaskEvent | None:
         """The latest state event of one task."""

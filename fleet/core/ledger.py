@@ -119,6 +119,7 @@ class TaskEntry:
     attempt: int = 1
     delivery: int = 0
     worker: str | None = None
+    queue: str = "default"
 
 
 @dataclasses.dataclass
@@ -261,7 +262,7 @@ class Ledger:
             if isinstance(decision, Reject):
                 return decision, self.reject(env.job_id, env.task_id, decision.reason, now)
         entry = self._entry(env.job_id, env.task_id, now)
-        entry.attempt = env.attempt
+        entry.attempt, entry.queue = env.attempt, env.queue
         out = self._move(entry, TaskState.QUEUED, now, reason="retry" if env.attempt > 1 else None)
         if not out:
             return Admit(), []
@@ -315,6 +316,8 @@ class Ledger:
         if env is None or not retry.should_retry(env.retry, report.attempt, err.retryable if err else True):
             return out + self._move(entry, TaskState.FAILED, now, reason=reason), None
         delay = retry.backoff_delay(env.retry, report.attempt, self.rand)
+        if err is not None and err.retry_after_s is not None:
+            delay = err.retry_after_s
         nxt = env.model_copy(update={"attempt": report.attempt + 1, "not_before": now + delay})
         self.job(report.job_id, now).retries += 1
         out += self._move(entry, TaskState.RETRYING, now, reason=f"{reason} (retry in {delay:.1f}s)")
@@ -350,7 +353,8 @@ class Ledger:
             entry = self._entry(req.job_id, task_id, now)
             out += self._move(entry, TaskState.CANCELLED, now, reason=req.reason)
         if req.task_id is not None:
-            out.append(Purge(names.task_subject(job.queue, req.job_id, req.task_id)))
+            queue = self.tasks[task_key(req.job_id, req.task_id)].queue
+            out.append(Purge(names.task_subject(queue, req.job_id, req.task_id)))
             out.append(Broadcast(names.cancel_subject(req.job_id), req))
         self._check_finished(job, now)
         self.dirty.add(job.job_id)
@@ -358,9 +362,7 @@ class Ledger:
 
     def dead_letter(self, origin: str, subject: str, reason: str, raw: bytes, now: float) -> list[Effect]:
         """Record undecodable input; if the subject names a task, that task ends DEAD."""
-        tokens = subject.split(".")
-        job_id = tokens[3] if len(tokens) > 3 and names.is_token(tokens[3]) else None
-        task_id = tokens[4] if len(tokens) > 4 and names.is_token(tokens[4]) else None
+        job_id, task_id = names.task_of(subject)
         letter = DeadLetter(
             origin=origin, subject=subject, reason=reason, at=now, job_id=job_id, task_id=task_id, raw=raw
         )

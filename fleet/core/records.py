@@ -11,13 +11,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from broker import codec, names
 from fleet.core.states import TERMINAL, TaskState
 
 PROTOCOL_VERSION = 1
-_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_HANDLER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*")
 
 
 class InvalidRecord(ValueError):
@@ -77,8 +77,8 @@ class Payload(BaseModel):
 
     enc: Literal["msgpack", "msgpack+zstd"] = "msgpack"
     size: int = Field(ge=0)
-    data: bytes | None = None
-    ref: str | None = None
+    data: Annotated[bytes, Strict()] | None = None
+    ref: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -129,7 +129,7 @@ class TaskEnvelope(Record):
     def _work(self) -> Self:
         if (self.handler is None) == (self.command is None):
             raise ValueError("exactly one of handler or command is required")
-        if self.handler is not None and not _HANDLER.match(self.handler):
+        if self.handler is not None and not _HANDLER.fullmatch(self.handler):
             raise ValueError(f"handler {self.handler!r} is not of the form 'package.module:function'")
         if self.command is not None and not self.command:
             raise ValueError("command must be a non-empty argv list")
@@ -177,6 +177,8 @@ class ErrorInfo(BaseModel):
     message: str
     traceback: str | None = None
     retryable: bool = True
+    retry_after_s: float | None = Field(default=None, ge=0)
+    """The handler asked for this delay before the next attempt (``fleet.worker.errors.Retry``)."""
 
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
@@ -187,8 +189,8 @@ class DoneReport(Record):
 
     task_id: Token
     job_id: Token
-    attempt: int
-    delivery: int
+    attempt: int = Field(ge=1)
+    delivery: int = Field(ge=1)
     worker_id: Token
     outcome: Outcome
     result: Payload | None = None
@@ -236,11 +238,14 @@ class JobRecord(Record):
 
     @property
     def done(self) -> int:
-        return sum(n for s, n in self.counts.items() if TaskState(s) in TERMINAL)
+        return sum(n for s, n in self.counts.items() if s in _TERMINAL_NAMES)
 
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
+
+
+_TERMINAL_NAMES = frozenset(str(s) for s in TERMINAL)
 
 
 class Heartbeat(Record):

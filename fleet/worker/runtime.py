@@ -21,7 +21,6 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -46,7 +45,7 @@ from fleet.core.records import (
     TaskEnvelope,
 )
 from fleet.worker.context import TaskContext, TaskInfo
-from fleet.worker.errors import FleetTaskError, TaskTimeout
+from fleet.worker.errors import FleetTaskError, Retry, TaskTimeout
 from fleet.worker.events import EventSink
 from fleet.worker.execute import Executor
 
@@ -211,8 +210,7 @@ class Worker:
             try:
                 env = TaskEnvelope.from_wire(m.data)
             except ValueError as exc:  # the scheduler validated it; this is corruption
-                log.error("dropping undecodable task on %s: %s", m.subject, exc)
-                await m.term()
+                await self._reject(m, str(exc))
                 continue
             delivery = m.metadata.num_delivered or 1
             info = TaskInfo(env.task_id, env.job_id, env.attempt, delivery, self.worker_id, self.s.queue)
@@ -235,9 +233,7 @@ class Worker:
             self.running[r.key] = r
             r.task = self._tg.create_task(self._run(r, js, self.slots.take()))
 
-    async def _run(
-        self, r: Running, js: JetStreamContext, slot: Slot
-    ) -> None:
+    async def _run(self, r: Running, js: JetStreamContext, slot: Slot) -> None:
         with slot:
             try:
                 outcome, result, error = await self._execute(r, js)
@@ -312,6 +308,26 @@ class Worker:
         msg_id = f"done:{r.key}:{r.env.attempt}#{r.delivery}"
         await self.pub.publish(names.report_done(r.env.job_id, r.env.task_id), report.to_wire(), msg_id)
 
+    async def _reject(self, m: Msg, reason: str) -> None:
+        """An undecodable task: report it failed (never retried) so its job can finish, then drop it."""
+        log.error("dropping undecodable task on %s: %s", m.subject, reason)
+        job_id, task_id = names.task_of(m.subject)
+        if job_id and task_id:
+            now = time.time()
+            report = DoneReport(
+                task_id=task_id,
+                job_id=job_id,
+                attempt=1,
+                delivery=m.metadata.num_delivered or 1,
+                worker_id=self.worker_id,
+                outcome="failed",
+                started_at=now,
+                finished_at=now,
+                error=ErrorInfo(type="InvalidTask", message=f"undecodable task: {reason}", retryable=False),
+            )
+            await self.pub.publish(names.report_done(job_id, task_id), report.to_wire())
+        await m.term()
+
     # -- heartbeats, cancel, shutdown ----------------------------------------------------------------
     async def _heartbeats(self, nc: NATS) -> None:
         while True:
@@ -361,12 +377,14 @@ class Worker:
 
 def _error_info(exc: BaseException) -> ErrorInfo:
     retryable = getattr(exc, "retryable", True) if isinstance(exc, FleetTaskError) else True
+    delay = exc.delay_s if isinstance(exc, Retry) else None
     tb = "".join(traceback.format_exception(exc))[-8000:]
     return ErrorInfo(
         type=type(exc).__name__,
         message=str(exc)[:2000] or type(exc).__name__,
         traceback=tb,
         retryable=retryable,
+        retry_after_s=delay,
     )
 
 
