@@ -31,7 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker import blobs, names
 from broker.connection import connect, shutdown
-from broker.provision import ensure_queue
+from broker.provision import ensure_bus, ensure_queue
 from broker.publisher import Publisher
 from fleet.core.records import (
     CancelRequest,
@@ -150,6 +150,7 @@ class Worker:
     async def run(self) -> None:
         self.nc = nc = await connect(self.url, name=f"fleet-worker-{self.worker_id}")
         js = nc.jetstream()
+        await ensure_bus(js)  # idempotent: a worker may start before the scheduler
         info = await ensure_queue(js, self.s.queue, lease_s=self.s.lease_s)
         lease = info.config.ack_wait or self.s.lease_s
         self.heartbeat_s = min(self.s.heartbeat_s, lease / 3)

@@ -134,7 +134,10 @@ def test_encode_decode_round_trip(value: Any, compress_over: int) -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=COMPRESS_OVER, max_value=3 * COMPRESS_OVER))
+@given(
+    st.integers(min_value=0, max_value=2**32),
+    st.integers(min_value=COMPRESS_OVER, max_value=3 * COMPRESS_OVER),
+)
 def test_round_trip_of_large_incompressible_values(seed: int, n: int) -> None:
     value = random.Random(seed).randbytes(n)
     data, enc, size = codec.encode_value(value)

@@ -99,7 +99,9 @@ def rec() -> Recorder:
 @pytest.fixture
 def ctx(rec: Recorder) -> Iterator[TaskContext]:
     info = TaskInfo(task_id="t-1", job_id="j-1", attempt=2, delivery=1, worker_id="w1", queue="default")
-    c = TaskContext(info, lambda f, m: rec.progress.append((f, m)), lambda lvl, msg: rec.logs.append((lvl, msg)))
+    c = TaskContext(
+        info, lambda f, m: rec.progress.append((f, m)), lambda lvl, msg: rec.logs.append((lvl, msg))
+    )
     yield c
     c.close()
 

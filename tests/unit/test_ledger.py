@@ -100,7 +100,9 @@ def report(
             "delivery": delivery,
             "worker_id": worker,
             "outcome": outcome,
-            "error": ErrorInfo(type="IOError", message="boom", retryable=retryable) if failed and error else None,
+            "error": ErrorInfo(type="IOError", message="boom", retryable=retryable)
+            if failed and error
+            else None,
             "result": Payload(size=1, data=b"\x01") if outcome == "succeeded" else None,
             "started_at": T0,
             "finished_at": T0,
@@ -477,6 +479,30 @@ def test_failure_without_error_info_is_retryable(ledger: Ledger) -> None:
     assert events(eff)[0].reason == "failed (retry in 1.0s)"
 
 
+def test_handler_requested_retry_delay_wins(ledger: Ledger) -> None:
+    env = envelope()
+    run_to(ledger, env, R)
+    rep = report(env, "failed")
+    assert rep.error is not None
+    rep = rep.model_copy(update={"error": rep.error.model_copy(update={"retry_after_s": 42.0})})
+    eff, nxt = ledger.done(rep, T0)
+    assert nxt is not None
+    assert nxt.not_before == T0 + 42.0
+    assert events(eff)[0].reason == "IOError: boom (retry in 42.0s)"
+    assert isinstance(ledger.admit(nxt, T0 + 41.0)[0], Defer)
+    assert ledger.admit(nxt, T0 + 42.0)[0] == Admit()
+
+
+def test_retry_after_does_not_make_a_permanent_error_retryable(ledger: Ledger) -> None:
+    env = envelope()
+    run_to(ledger, env, R)
+    rep = report(env, "failed", retryable=False)
+    assert rep.error is not None
+    rep = rep.model_copy(update={"error": rep.error.model_copy(update={"retry_after_s": 1.0})})
+    assert ledger.done(rep, T0)[1] is None
+    assert state(ledger) == FAIL
+
+
 def test_random_jitter_is_applied_to_not_before() -> None:
     ledger = Ledger(rand=lambda: 1.0)
     env = envelope()  # backoff 1.0, jitter 0.1
@@ -503,7 +529,7 @@ def test_original_submission_redelivered_while_retrying_is_ignored(ledger: Ledge
 def test_repeated_failed_report_while_retrying_is_a_no_op(ledger: Ledger) -> None:
     env = envelope()
     run_to(ledger, env, R)
-    first, nxt = ledger.done(report(env, "failed"), T0 + 1)
+    _, nxt = ledger.done(report(env, "failed"), T0 + 1)
     assert nxt is not None
     assert ledger.done(report(env, "failed"), T0 + 2) == ([], None)
     assert ledger.jobs["j1"].retries == 1
@@ -695,13 +721,6 @@ def test_cancel_unknown_job_then_submit(ledger: Ledger) -> None:
     assert counts(ledger) == {"cancelled": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Ledger.cancel() for one task purges task_subject(job.queue, ...), but the task was "
-    "dispatched on its envelope's queue, which may differ from the job's (or the job was never "
-    "declared and job.queue is 'default'): the queued message survives and later runs. TaskEntry should "
-    "remember the queue (or purge names.task_subject('*', job, task))",
-)
 def test_cancel_one_task_purges_the_queue_it_was_sent_to(ledger: Ledger) -> None:
     _, eff = ledger.admit(envelope(queue="gpu"), T0)
     sent_to = dispatches(eff)[0].subject
@@ -739,7 +758,18 @@ def test_malformed_done_report_kills_the_running_task(ledger: Ledger) -> None:
     run_to(ledger, envelope(), R)
     eff = ledger.dead_letter("reports", names.report_done("j1", "t1"), "bad", b"\xc1", T0 + 1)
     assert moves(eff) == [("t1", DEAD)]
-    assert eff[0].subject == "fleet.dlq.reports"  # type: ignore[union-attr]
+    dlq = eff[0]
+    assert isinstance(dlq, Publish)
+    assert dlq.subject == "fleet.dlq.reports"
+
+
+def test_dead_letter_for_a_work_subject(ledger: Ledger) -> None:
+    run_to(ledger, envelope(queue="gpu"), Q)
+    eff = ledger.dead_letter("worker", names.task_subject("gpu", "j1", "t1"), "corrupt", b"", T0 + 1)
+    letter = eff[0].record  # type: ignore[union-attr]
+    assert isinstance(letter, DeadLetter)
+    assert (letter.job_id, letter.task_id) == ("j1", "t1")
+    assert moves(eff) == [("t1", DEAD)]
 
 
 def test_dead_letter_for_finished_task_only_records(ledger: Ledger) -> None:
@@ -754,14 +784,18 @@ def test_dead_letter_for_finished_task_only_records(ledger: Ledger) -> None:
     [
         ("nonsense", None, None),
         ("", None, None),
-        ("fleet.intake.job.j1", "j1", None),
-        ("fleet.intake.cancel.j1", "j1", None),
-        ("fleet.intake.task.j*1.t1", None, "t1"),
-        ("fleet.intake.task.j1.t>", "j1", None),
+        ("fleet.intake.job.j1", None, None),
+        ("fleet.intake.cancel.j1", None, None),
+        ("fleet.intake.task.j*1.t1", None, None),
+        ("fleet.intake.task.j1.t>", None, None),
+        ("fleet.intake.task.j1", None, None),
         ("fleet.intake.bogus", None, None),
+        ("fleet.report.start.w1", None, None),
     ],
 )
-def test_dead_letter_for_malformed_subjects(ledger: Ledger, subject: str, job: str | None, task: str | None) -> None:
+def test_dead_letter_for_malformed_subjects(
+    ledger: Ledger, subject: str, job: str | None, task: str | None
+) -> None:
     eff = ledger.dead_letter("intake", subject, "why", b"raw", T0)
     assert len(eff) == 1
     letter = eff[0].record  # type: ignore[union-attr]
@@ -770,12 +804,6 @@ def test_dead_letter_for_malformed_subjects(ledger: Ledger, subject: str, job: s
     assert ledger.tasks == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Ledger.dead_letter() takes token 3 of any subject as the job id, so a malformed start "
-    "report on fleet.report.start.<worker> is filed with job_id=<worker>. Only intake task/retry/job/"
-    "cancel and report.done subjects carry a job id there",
-)
 def test_dead_letter_for_start_report_has_no_job(ledger: Ledger) -> None:
     eff = ledger.dead_letter("reports", names.report_start("w1"), "bad", b"", T0)
     letter = eff[0].record  # type: ignore[union-attr]
@@ -941,7 +969,9 @@ class LedgerMachine(RuleBasedStateMachine):
             elif eff.subject.startswith("fleet.intake.retry."):
                 assert isinstance(eff.record, TaskEnvelope)
                 assert states[task_key(eff.record.job_id, eff.record.task_id)] == TaskState.RETRYING
-                assert eff.msg_id == "retry:" + attempt_id(eff.record.job_id, eff.record.task_id, eff.record.attempt)
+                assert eff.msg_id == "retry:" + attempt_id(
+                    eff.record.job_id, eff.record.task_id, eff.record.attempt
+                )
                 self.pending.append(eff.record)
             else:
                 assert eff.subject.startswith("fleet.dlq."), eff.subject
@@ -977,7 +1007,10 @@ class LedgerMachine(RuleBasedStateMachine):
             assert eff == []
         self.apply(eff)
 
-    @rule(worker=workers, batch=st.lists(st.tuples(job_ids, task_ids, attempts, deliveries), min_size=1, max_size=3))
+    @rule(
+        worker=workers,
+        batch=st.lists(st.tuples(job_ids, task_ids, attempts, deliveries), min_size=1, max_size=3),
+    )
     def started(self, worker: str, batch: list[tuple[str, str, int, int]]) -> None:
         self.step(0.1)
         self.apply(self.ledger.started(start(worker, *batch), self.now))
@@ -1028,7 +1061,9 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(job=job_ids, task=task_ids, st_=st.sampled_from(list(TaskState)), worker=st.none() | workers)
     def restore(self, job: str, task: str, st_: TaskState, worker: str | None) -> None:
         self.step(0.1)
-        ev = TaskEvent(kind="state", job_id=job, task_id=task, at=self.now, state=st_, attempt=1, worker_id=worker)
+        ev = TaskEvent(
+            kind="state", job_id=job, task_id=task, at=self.now, state=st_, attempt=1, worker_id=worker
+        )
         self.ledger.restore_task(ev)
         self.terminal.pop(task_key(job, task), None)
         self.restored = True
@@ -1049,9 +1084,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def counts_match_tasks(self) -> None:
         for job_id, job in self.ledger.jobs.items():
             assert all(n >= 0 for n in job.counts.values()), job.counts
-            with_state = [
-                e for e in self.ledger.tasks.values() if e.job_id == job_id and e.state is not None
-            ]
+            with_state = [e for e in self.ledger.tasks.values() if e.job_id == job_id and e.state is not None]
             assert sum(job.counts.values()) == len(with_state)
             for st_ in TaskState:
                 assert job.counts.get(st_, 0) == sum(1 for e in with_state if e.state == st_)

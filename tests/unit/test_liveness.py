@@ -78,7 +78,9 @@ def test_each_worker_uses_its_own_interval() -> None:
     assert [w.worker_id for w in table.expire(now=20.5)] == ["slow"]
 
 
-@pytest.mark.parametrize(("missed", "alive_at", "dead_at"), [(1.0, 1.0, 1.01), (5.0, 5.0, 5.01), (0.5, 0.5, 0.6)])
+@pytest.mark.parametrize(
+    ("missed", "alive_at", "dead_at"), [(1.0, 1.0, 1.01), (5.0, 5.0, 5.01), (0.5, 0.5, 0.6)]
+)
 def test_missed_is_configurable(missed: float, alive_at: float, dead_at: float) -> None:
     table = WorkerTable(missed=missed)
     table.beat(hb("w", interval=1.0), now=0.0)
