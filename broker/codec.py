@@ -66,6 +66,9 @@ def encode_value(value: Any, *, compress_over: int = COMPRESS_OVER) -> tuple[byt
 def decode_value(data: bytes, enc: str) -> Any:
     """Inverse of :func:`encode_value`."""
     if enc == ENC_ZSTD:
+        declared = _frame_size(data)
+        if declared > MAX_DECODED:
+            raise DecodeError(f"payload declares {declared} bytes uncompressed, over the {MAX_DECODED}-byte limit")
         try:
             data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECODED)
         except zstandard.ZstdError as exc:
@@ -76,6 +79,14 @@ def decode_value(data: bytes, enc: str) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:
         raise DecodeError(f"payload is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def _frame_size(data: bytes) -> int:
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"payload is not a valid zstd frame: {exc}") from None
+    return int(size) if size is not None and size >= 0 else 0
 
 
 def content_ref(data: bytes) -> str:

@@ -37,18 +37,12 @@ def job_json(r: JobRecord) -> dict[str, Any]:
 
 
 def jobs_table(records: list[JobRecord]) -> Table:
-    table = Table("job", "name", "total", *STATE_ORDER, "retries", "requeues", "status")
+    table = Table("job", "name", "done/total", "states", "retries", "requeues", "status")
     for r in records:
-        state = "cancelled" if r.cancelled else "finished" if r.finished else "active"
-        table.add_row(
-            r.job_id,
-            r.name,
-            str(r.total if r.total is not None else "?"),
-            *(str(r.counts.get(s, 0)) for s in STATE_ORDER),
-            str(r.retries),
-            str(r.requeues),
-            state,
-        )
+        status = "cancelled" if r.cancelled else "finished" if r.finished else "active"
+        states = " ".join(f"{s}={r.counts[s]}" for s in STATE_ORDER if r.counts.get(s))
+        total = str(r.total) if r.total is not None else "?"
+        table.add_row(r.job_id, r.name, f"{r.done}/{total}", states, str(r.retries), str(r.requeues), status)
     return table
 
 

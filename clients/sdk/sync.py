@@ -35,7 +35,10 @@ class SyncFleetClient:
             raise
 
     def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        return self._portal.call(lambda: fn(*args, **kwargs))
+        async def call() -> T:
+            return await fn(*args, **kwargs)
+
+        return self._portal.call(call)
 
     def submit(self, handler: str | None = None, *args: Any, **options: Any) -> tuple[str, str]:
         return self._call(self._client.submit, handler, *args, **options)

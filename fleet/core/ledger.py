@@ -262,6 +262,8 @@ class Ledger:
             if isinstance(decision, Reject):
                 return decision, self.reject(env.job_id, env.task_id, decision.reason, now)
         entry = self._entry(env.job_id, env.task_id, now)
+        if env.attempt != entry.attempt:
+            entry.delivery = 0  # deliveries are counted per attempt
         entry.attempt, entry.queue = env.attempt, env.queue
         out = self._move(entry, TaskState.QUEUED, now, reason="retry" if env.attempt > 1 else None)
         if not out:
@@ -300,6 +302,8 @@ class Ledger:
         """Record an attempt's outcome; returns the effects and the retry envelope, if any."""
         entry = self._entry(report.job_id, report.task_id, now)
         if entry.state in TERMINAL or report.attempt < entry.attempt:
+            return [], None
+        if entry.state == TaskState.RETRYING:  # this attempt's outcome is already recorded
             return [], None
         out: list[Effect] = []
         if entry.state != TaskState.RUNNING:

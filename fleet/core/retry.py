@@ -14,7 +14,11 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rand: Callable[[], float] =
     Exponential (``backoff_s * multiplier ** (attempt - 1)``), capped at ``backoff_max_s``, then
     spread by +/- ``jitter`` (a fraction) so a failing dependency is not hit by a synchronized herd.
     """
-    base = min(policy.backoff_max_s, policy.backoff_s * policy.multiplier ** max(0, attempt - 1))
+    exponent = max(0, attempt - 1)
+    try:
+        base = min(policy.backoff_max_s, policy.backoff_s * policy.multiplier**exponent)
+    except OverflowError:
+        base = policy.backoff_max_s
     spread = base * policy.jitter * (2.0 * rand() - 1.0)
     return max(0.0, base + spread)
 

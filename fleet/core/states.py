@@ -55,7 +55,7 @@ TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
             TaskState.DEAD,
         }
     ),
-    TaskState.RETRYING: frozenset({TaskState.QUEUED, TaskState.CANCELLED}),
+    TaskState.RETRYING: frozenset({TaskState.QUEUED, TaskState.CANCELLED, TaskState.DEAD}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.FAILED: frozenset(),
     TaskState.DEAD: frozenset(),

@@ -198,12 +198,6 @@ def test_decode_value_accepts_frames_without_content_size() -> None:
     assert codec.decode_value(frame, ENC_ZSTD) == list(range(5000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: MAX_DECODED is only passed as max_output_size, which zstandard ignores when the frame "
-    "header declares its content size; a 14-byte frame claiming 1 TiB makes decode_value try to allocate "
-    "it (MemoryError, not DecodeError). Check zstandard.frame_content_size(data) against MAX_DECODED first",
-)
 def test_decode_value_refuses_frames_declaring_more_than_max_decoded() -> None:
     # single-segment frame header with an 8-byte content size of 1 TiB, then one raw 1-byte last block
     frame = b"\x28\xb5\x2f\xfd" + b"\xe0" + struct.pack("<Q", 1 << 40) + b"\x09\x00\x00" + b"\x90"

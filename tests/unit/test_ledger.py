@@ -519,13 +519,6 @@ def test_original_submission_redelivered_while_retrying_is_ignored(ledger: Ledge
     assert state(ledger) == S
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Ledger.done() treats a repeated failed DoneReport of the attempt that is already "
-    "RETRYING as new: retries is incremented again and another retry Publish (with a new not_before) "
-    "and envelope are returned. Fix: in done(), return ([], None) when entry.state is RETRYING and "
-    "report.attempt <= entry.attempt",
-)
 def test_repeated_failed_report_while_retrying_is_a_no_op(ledger: Ledger) -> None:
     env = envelope()
     run_to(ledger, env, R)
@@ -625,13 +618,6 @@ def test_worker_lost_for_restored_worker_attribution(ledger: Ledger) -> None:
     assert [(e.state, e.attempt) for e in events(eff)] == [(Q, 2)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TaskEntry.delivery is never reset when a new attempt is admitted, so after attempt 1 "
-    "was delivered 3 times, a redelivery (delivery 2) of attempt 2 is not seen as a lease loss: the "
-    "requeue is not counted and the entry keeps the old worker. Fix: reset entry.delivery = 0 in "
-    "admit() when entry.attempt changes (or keep the delivery per attempt)",
-)
 def test_redelivery_of_a_retry_attempt_is_detected(ledger: Ledger) -> None:
     env = envelope(max_attempts=3)
     ledger.admit(env, T0)
@@ -811,12 +797,6 @@ def test_dead_letter_for_start_report_has_no_job(ledger: Ledger) -> None:
     assert letter.job_id is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a due retry that an admission policy rejects stays RETRYING forever: admit() calls "
-    "reject(), but RETRYING -> DEAD is not in TRANSITIONS, so the move is silently dropped and the job "
-    "never finishes. Allow RETRYING -> DEAD (or end it FAILED)",
-)
 def test_rejected_retry_ends_the_task() -> None:
     class RejectRetries:
         def decide(self, env: TaskEnvelope, now: float) -> Decision:

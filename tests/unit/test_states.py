@@ -50,7 +50,8 @@ def test_every_live_state_can_be_cancelled() -> None:
 def test_specific_moves() -> None:
     assert TRANSITIONS[None] == {TaskState.QUEUED, TaskState.DEAD, TaskState.CANCELLED}
     assert TRANSITIONS[TaskState.QUEUED] == {TaskState.RUNNING, TaskState.CANCELLED, TaskState.DEAD}
-    assert TRANSITIONS[TaskState.RETRYING] == {TaskState.QUEUED, TaskState.CANCELLED}
+    # a due retry an admission policy rejects ends DEAD
+    assert TRANSITIONS[TaskState.RETRYING] == {TaskState.QUEUED, TaskState.CANCELLED, TaskState.DEAD}
     assert TRANSITIONS[TaskState.RUNNING] == {
         TaskState.SUCCEEDED,
         TaskState.FAILED,

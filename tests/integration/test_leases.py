@@ -1,0 +1,204 @@
+"""Leases, heartbeats and crash recovery: long tasks, kill -9 of a worker, scheduler restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import handlers
+from conftest import LEASE_S, Stack, WorkerProcs, wait_for
+from nats.aio.msg import Msg
+
+from broker import names, reader
+from fleet.core.records import Heartbeat, TaskEvent
+
+
+async def test_task_longer_than_lease_runs_once_on_one_worker(stack: Stack) -> None:
+    await stack.up(workers=2)
+    fleet = stack.client
+    key = f"long-{os.getpid()}-{time.monotonic_ns()}"
+    job, task = await fleet.submit("handlers:counted", key, 3 * LEASE_S)
+
+    value = await fleet.result(job, task, timeout=12)
+
+    assert value == {"key": key, "delivery": 1}
+    assert handlers.CALLS[key] == 1, "the task ran more than once"
+    report = await fleet.report(job, task)
+    assert report is not None and report.delivery == 1 and report.attempt == 1
+    assert report.finished_at - report.started_at >= 3 * LEASE_S - 0.1
+    record = await fleet.wait_job(job, timeout=5)
+    assert record.requeues == 0 and record.retries == 0 and record.counts == {"succeeded": 1}
+    states = await _states(stack, job, task)
+    assert [e.state for e in states] == ["queued", "running", "succeeded"]
+    assert await reader.count(fleet.js, names.REPORTS_STREAM, names.report_done(job, task)) == 1
+    assert await reader.count(fleet.js, names.REPORTS_STREAM, names.report_start("*")) == 1
+
+
+async def test_killed_worker_subprocess_tasks_rerun_elsewhere(
+    stack: Stack, spawn_worker: WorkerProcs
+) -> None:
+    await stack.start_scheduler()
+    fleet = await stack.connect()
+    beats: dict[int, Heartbeat] = {}
+
+    async def on_beat(msg: Msg) -> None:
+        hb = Heartbeat.from_wire(msg.data)
+        beats[hb.pid] = hb
+
+    sub = await fleet.nc.subscribe(names.HEARTBEATS, cb=on_beat)
+    try:
+        proc = spawn_worker(stack.url, concurrency=2)
+        await wait_for(
+            lambda: proc.pid in beats or _exited(proc), timeout=15, what="worker subprocess heartbeat"
+        )
+        assert proc.poll() is None, _log_tail(proc)
+
+        job = await fleet.submit_job(
+            "handlers:slow_item", items=["a", "b"], bundle=1, kwargs={"seconds": 2.0}
+        )
+        await wait_for(
+            lambda: len(beats[proc.pid].tasks) == 2, timeout=10, what="subprocess holding both tasks"
+        )
+        rescuer = await stack.start_worker(concurrency=2)
+
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait()
+
+        record = await fleet.wait_job(job, timeout=15)
+    finally:
+        await sub.unsubscribe()
+
+    assert record.counts == {"succeeded": 2}
+    assert record.requeues >= 1
+    assert sorted([v async for _, v in fleet.results(job)]) == [["a"], ["b"]]
+    for task in ("t0000000", "t0000001"):
+        report = await fleet.report(job, task)
+        assert report is not None and report.worker_id == rescuer.worker_id
+        assert report.delivery >= 2 and report.attempt == 1
+        states = await _states(stack, job, task)
+        rerun = [e for e in states if e.state == "running" and e.at > killed_at]
+        assert rerun, [(e.state, e.reason) for e in states]
+        assert rerun[0].at - killed_at < 5.0, f"re-run {rerun[0].at - killed_at:.1f}s after the kill"
+        assert rerun[0].worker_id == rescuer.worker_id
+        requeued = [e for e in states if e.state == "queued" and e.at > killed_at]
+        assert requeued and any("lease" in (e.reason or "") for e in requeued), (
+            f"no requeue with a lease reason: {[(e.state, e.reason) for e in states]}"
+        )
+
+
+async def test_killed_worker_tasks_taken_over_by_second_subprocess(
+    stack: Stack, spawn_worker: WorkerProcs
+) -> None:
+    await stack.start_scheduler()
+    fleet = await stack.connect()
+    beats: dict[int, Heartbeat] = {}
+
+    async def on_beat(msg: Msg) -> None:
+        hb = Heartbeat.from_wire(msg.data)
+        beats[hb.pid] = hb
+
+    sub = await fleet.nc.subscribe(names.HEARTBEATS, cb=on_beat)
+    try:
+        first = spawn_worker(stack.url, concurrency=2)
+        await wait_for(lambda: first.pid in beats or _exited(first), timeout=15, what="first worker")
+        job = await fleet.submit_job("handlers:slow_item", items=[1, 2], bundle=1, kwargs={"seconds": 1.5})
+        await wait_for(lambda: len(beats[first.pid].tasks) == 2, timeout=10, what="first worker holds both")
+        second = spawn_worker(stack.url, concurrency=2)
+        await wait_for(lambda: second.pid in beats or _exited(second), timeout=15, what="second worker")
+
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.time()
+        first.wait()
+        record = await fleet.wait_job(job, timeout=15)
+        finished_in = time.time() - killed_at
+    finally:
+        await sub.unsubscribe()
+
+    assert record.counts == {"succeeded": 2} and record.requeues >= 1
+    assert finished_in < 1.5 + 5.0
+    for task in ("t0000000", "t0000001"):
+        report = await fleet.report(job, task)
+        assert report is not None and report.worker_id == beats[second.pid].worker_id
+        assert report.delivery >= 2
+
+
+async def test_scheduler_restart_mid_job(stack: Stack) -> None:
+    await stack.up(workers=2)
+    fleet = stack.client
+    job = await fleet.submit_job("handlers:slow_item", items=range(24), bundle=1, kwargs={"seconds": 0.25})
+
+    async def some_done() -> bool:
+        rec = await fleet.job(job)
+        return rec is not None and 4 <= rec.done < 20
+
+    await wait_for(some_done, timeout=10, what="a few tasks done")
+    await stack.stop_scheduler()
+    # the workers keep running and reporting while no scheduler is up
+    await asyncio.sleep(0.5)
+    await stack.start_scheduler()
+
+    record = await fleet.wait_job(job, timeout=15)
+    assert record.total == 24 and record.submitted == 24
+    assert record.counts == {"succeeded": 24}
+    assert record.retries == 0
+    values = sorted([v[0] async for _, v in fleet.results(job)])
+    assert values == list(range(24))
+
+
+async def test_submissions_while_scheduler_is_down_are_admitted_on_start(stack: Stack) -> None:
+    await stack.up(workers=2)
+    fleet = stack.client
+    await stack.stop_scheduler()
+    job = await fleet.submit_job("handlers:square", items=range(30), bundle=3)
+    await asyncio.sleep(0.2)
+    assert await fleet.job(job) is None
+
+    await stack.start_scheduler()
+    record = await fleet.wait_job(job, timeout=15)
+    assert record.counts == {"succeeded": 10}
+    values = [x for _, v in sorted([(r.task_id, v) async for r, v in fleet.results(job)]) for x in v]
+    assert values == [i * i for i in range(30)]
+
+
+async def test_scheduler_restart_with_running_tasks_and_a_lost_worker(stack: Stack) -> None:
+    """The scheduler is down while a worker holding tasks stops; the new scheduler still finishes."""
+    await stack.start_scheduler()
+    fleet = await stack.connect()
+    doomed = await stack.start_worker(concurrency=2, grace_s=0.0)
+    job = await fleet.submit_job("handlers:slow_item", items=[1, 2], bundle=1, kwargs={"seconds": 2.0})
+    await wait_for(lambda: len(doomed.running) == 2, timeout=10, what="worker holding both tasks")
+
+    async def both_running() -> bool:
+        rec = await fleet.job(job)
+        return rec is not None and rec.counts.get("running", 0) == 2
+
+    await wait_for(both_running, timeout=5, what="job record shows 2 running")
+    await stack.stop_scheduler()
+    await stack.stop_worker(doomed)  # releases (NAKs) its tasks
+    await stack.start_worker(concurrency=2)
+    await stack.start_scheduler()
+
+    record = await fleet.wait_job(job, timeout=15)
+    assert record.counts == {"succeeded": 2}
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+async def _states(stack: Stack, job: str, task: str) -> list[TaskEvent]:
+    subject = names.event_subject(job, task, names.EVENT_STATE)
+    return [
+        TaskEvent.from_wire(m.data)
+        async for m in reader.replay(stack.client.js, names.EVENTS_STREAM, subject)
+    ]
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is not None
+
+
+def _log_tail(proc: subprocess.Popen[bytes]) -> str:
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace")[-3000:] if path else "(no log)"
