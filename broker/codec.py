@@ -68,7 +68,9 @@ def decode_value(data: bytes, enc: str) -> Any:
     if enc == ENC_ZSTD:
         declared = _frame_size(data)
         if declared > MAX_DECODED:
-            raise DecodeError(f"payload declares {declared} bytes uncompressed, over the {MAX_DECODED}-byte limit")
+            raise DecodeError(
+                f"payload declares {declared} bytes uncompressed, over the {MAX_DECODED}-byte limit"
+            )
         try:
             data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECODED)
         except zstandard.ZstdError as exc:

@@ -8,6 +8,7 @@ cleanly (SIGTERM, then SIGKILL after a grace period). ``fleet up`` records the r
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +28,15 @@ STATE_FILE = "server.json"
 
 class ServerError(RuntimeError):
     """The embedded nats-server could not be found, started or reached."""
+
+
+def die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM this child when its parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: children may outlive a killed parent
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,7 +107,12 @@ class EmbeddedServer:
             args += ["-m", str(self.http_port), "-sd", str(self.store_dir), "-n", self.name]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self._wait_ready(timeout)

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -61,6 +63,15 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+async def count(js: JetStreamContext, stream: str, subject: str) -> int:
+    """Messages stored in ``stream`` on subjects matching ``subject`` (per-subject counts)."""
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except NotFoundError:
+        return 0
+    return sum((info.state.subjects or {}).values())
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -292,6 +293,8 @@ def bench_bare_worker(nats: str, batch: int = 256) -> None:
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so embedded servers and local workers are stopped cleanly
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app()
 
 

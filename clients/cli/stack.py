@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from broker.connection import url_from_env
-from broker.server import EmbeddedServer, running_embedded
+from broker.server import EmbeddedServer, die_with_parent, running_embedded
 
 STATE_DIR = Path(os.environ.get("FLEET_HOME", ".fleet"))
 
@@ -87,9 +87,16 @@ def spawn(cmd: list[str], *, log: Path | None = None) -> subprocess.Popen[bytes]
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     )
     if log is None:
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     with log.open("ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 15.0) -> None:

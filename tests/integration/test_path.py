@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Stack, wait_for
+from conftest import Stack, count, wait_for
 
 from broker import codec, names, reader
 from clients.sdk.client import TaskFailed
@@ -271,7 +271,7 @@ async def test_cancel_job_with_queued_slow_tasks(stack: Stack) -> None:
     assert record.counts == {"cancelled": 40}
     assert record.done == 40
     # queued work was purged from the task stream and running work was stopped on the workers
-    assert await reader.count(fleet.js, names.TASKS_STREAM, names.job_tasks_filter(job)) == 0
+    assert await count(fleet.js, names.TASKS_STREAM, names.job_tasks_filter(job)) == 0
     await wait_for(lambda: all(not w.running for w in stack.workers), timeout=5, what="workers idle")
     state = await fleet.state(job, "t0000039")
     assert state is not None and state.state == "cancelled" and state.reason == "enough"
