@@ -63,14 +63,15 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
     ]
 
 
-async def ensure_stream(js: JetStreamContext, want: api.StreamConfig) -> None:
+async def ensure_stream(js: JetStreamContext, want: api.StreamConfig, *, authoritative: bool = False) -> None:
+    """Create ``want`` if missing; only an ``authoritative`` caller (the scheduler) changes retention."""
     try:
         info = await js.stream_info(want.name or "")
     except NotFoundError:
         await js.add_stream(want)
         return
     have = info.config
-    if have.max_age != want.max_age or have.subjects != want.subjects:
+    if authoritative and (have.max_age != want.max_age or have.subjects != want.subjects):
         have.max_age, have.subjects = want.max_age, want.subjects
         await js.update_stream(have)
 
@@ -86,10 +87,12 @@ async def ensure_consumer(js: JetStreamContext, stream: str, want: api.ConsumerC
     return info
 
 
-async def ensure_bus(js: JetStreamContext, cfg: BusConfig = BusConfig()) -> None:
+async def ensure_bus(
+    js: JetStreamContext, cfg: BusConfig = BusConfig(), *, authoritative: bool = False
+) -> None:
     """Streams, scheduler consumers, the jobs KV bucket and the blob store."""
     for sc in stream_configs(cfg):
-        await ensure_stream(js, sc)
+        await ensure_stream(js, sc, authoritative=authoritative)
     intake = api.ConsumerConfig(
         durable_name=names.INTAKE_CONSUMER,
         ack_policy=api.AckPolicy.EXPLICIT,

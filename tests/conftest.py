@@ -151,6 +151,22 @@ class Stack:
         self.scheduler = sched
         return sched
 
+    def scheduler_task_done(self) -> bool:
+        """True if the running scheduler's ``run()`` has returned or raised."""
+        return self._scheduler_task is not None and self._scheduler_task.done()
+
+    def forget_crashed_scheduler(self) -> BaseException | None:
+        """If the scheduler's ``run()`` raised, detach it (so teardown does not re-raise) and return
+        the exception; used by tests that document a crash."""
+        task = self._scheduler_task
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return None
+        self.scheduler, self._scheduler_task = None, None
+        return task.exception()
+
+    def worker_tasks(self) -> list[asyncio.Task[None]]:
+        return list(self._worker_tasks.values())
+
     async def stop_scheduler(self) -> None:
         sched, task = self.scheduler, self._scheduler_task
         self.scheduler, self._scheduler_task = None, None

@@ -347,6 +347,9 @@ class Ledger:
 
     def cancel(self, req: CancelRequest, now: float) -> list[Effect]:
         job = self.job(req.job_id, now)
+        if req.task_id is not None and task_key(req.job_id, req.task_id) not in self.tasks:
+            log.warning("cancel of unknown task %s/%s ignored", req.job_id, req.task_id)
+            return []
         targets = [req.task_id] if req.task_id else sorted(job.task_ids)
         out: list[Effect] = []
         if req.task_id is None:
@@ -371,8 +374,8 @@ class Ledger:
             origin=origin, subject=subject, reason=reason, at=now, job_id=job_id, task_id=task_id, raw=raw
         )
         out: list[Effect] = [Publish(names.dlq_subject(origin), letter)]
-        if job_id and task_id:
-            out += self.reject(job_id, task_id, reason, now)
+        if job_id and task_id and task_key(job_id, task_id) not in self.tasks:
+            out += self.reject(job_id, task_id, reason, now)  # never admitted: it can never run
         return out
 
     # -- recovery and housekeeping -----------------------------------------------------------------

@@ -84,7 +84,7 @@ class Scheduler:
     async def run(self) -> None:
         self.nc = nc = await connect(self.url, name="fleet-scheduler")
         js = nc.jetstream()
-        await ensure_bus(js, BusConfig(history_s=self.s.history_s))
+        await ensure_bus(js, BusConfig(history_s=self.s.history_s), authoritative=True)
         self.js = js
         self.pub = Publisher(js)
         self.kv = await js.key_value(names.JOBS_BUCKET)
@@ -161,7 +161,13 @@ class Scheduler:
                     delay = None
                 effects += out
                 done.append((msg, delay))
-            await self._apply(effects)
+            try:
+                await self._apply(effects)
+                await self._flush_jobs()  # job records are durable before their inputs are acked
+            except Exception:
+                # not acked: JetStream redelivers these inputs and the ledger ignores what it applied
+                log.exception("publishing effects failed; %d inputs will be redelivered", len(done))
+                continue
             for msg, delay in done:
                 if delay is None:
                     await msg.ack()
@@ -232,10 +238,15 @@ class Scheduler:
         while True:
             await asyncio.sleep(self.s.flush_s)
             now = self.clock()
-            for lost in self.workers.expire(now):
-                log.warning("worker %s lost (no heartbeat for %.1fs)", lost.worker_id, now - lost.last_seen)
-                await self._apply(self.ledger.worker_lost(lost, now))
-            await self._flush_jobs()
+            try:
+                for lost in self.workers.expire(now):
+                    log.warning(
+                        "worker %s lost (no heartbeat for %.1fs)", lost.worker_id, now - lost.last_seen
+                    )
+                    await self._apply(self.ledger.worker_lost(lost, now))
+                await self._flush_jobs()
+            except Exception:  # transient (leader election, disconnect): try again next round
+                log.exception("housekeeping failed")
             self.ledger.prune(now, self.s.keep_finished_s)
 
     async def _flush_jobs(self) -> None:

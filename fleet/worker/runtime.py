@@ -199,11 +199,18 @@ class Worker:
                 msgs = await psub.fetch(self.slots.free, timeout=self.s.fetch_timeout_s)
             except (TimeoutError, FetchTimeoutError):
                 continue
+            except Exception:  # disconnected, leader election: the client reconnects by itself
+                log.exception("fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
             if self.stopping.is_set():  # fetched while stopping: hand straight back
                 for m in msgs:
                     await m.nak()
                 return
-            await self._start(js, msgs)
+            try:
+                await self._start(js, msgs)
+            except Exception:  # start report not stored: leases lapse and the tasks are redelivered
+                log.exception("could not start %d tasks", len(msgs))
 
     async def _start(self, js: JetStreamContext, msgs: list[Msg]) -> None:
         batch: list[Running] = []
