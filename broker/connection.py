@@ -30,12 +30,14 @@ async def connect(
     """Open a NATS connection that reconnects forever and detects dead peers in ~30 s."""
 
     async def error_cb(exc: Exception) -> None:
-        log.warning("nats error on %s: %s", name, exc)
+        # before the first connection, failures are reported once by the bounded wait below
+        log.log(logging.WARNING if connected else logging.DEBUG, "nats error on %s: %s", name, exc)
 
     async def closed_cb() -> None:
         if on_closed is not None:
             await on_closed()
 
+    connected = False
     servers = [u.strip() for u in url.split(",") if u.strip()]
     connecting = nats.connect(
         servers=servers,
@@ -51,7 +53,9 @@ async def connect(
         pending_size=64 * 1024 * 1024,
     )
     try:  # reconnects are unlimited, so bound the *first* connection ourselves
-        return await asyncio.wait_for(connecting, initial_timeout)
+        nc = await asyncio.wait_for(connecting, initial_timeout)
+        connected = True
+        return nc
     except TimeoutError:
         raise ConnectionError(f"cannot reach NATS at {url} within {initial_timeout:.0f}s") from None
 

@@ -50,4 +50,4 @@ async def count(js: JetStreamContext, stream: str, subject: str) -> int:
         info = await js.stream_info(stream, subjects_filter=subject)
     except NotFoundError:
         return 0
-    return int(info.state.messages or 0)
+    return sum((info.state.subjects or {}).values())

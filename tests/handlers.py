@@ -88,3 +88,7 @@ def digest(data: bytes) -> dict[str, Any]:
 
 def unserializable() -> object:
     return object()
+
+
+def always_fails(x: Any) -> None:
+    raise RuntimeError(f"transient failure for {x!r}, every time")

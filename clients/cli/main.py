@@ -24,7 +24,7 @@ from clients.sdk.jobfile import load as load_jobfile
 from fleet.core.records import RetryPolicy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fleet: a worker fleet on NATS JetStream.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 NatsOpt = Annotated[

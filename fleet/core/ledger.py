@@ -37,6 +37,10 @@ from fleet.core.states import TERMINAL, TaskState, can_move
 log = logging.getLogger("fleet.scheduler")
 
 
+DEAD_LETTER_RAW_LIMIT = 64 * 1024
+"""Bytes of the offending input kept in a dead letter."""
+
+
 def task_key(job_id: str, task_id: str) -> str:
     """Tasks are identified by (job, task); this is the one string form of that pair."""
     return f"{job_id}/{task_id}"
@@ -370,6 +374,7 @@ class Ledger:
     def dead_letter(self, origin: str, subject: str, reason: str, raw: bytes, now: float) -> list[Effect]:
         """Record undecodable input; if the subject names a task, that task ends DEAD."""
         job_id, task_id = names.task_of(subject)
+        raw = raw[:DEAD_LETTER_RAW_LIMIT]  # the letter itself must fit under max_payload
         letter = DeadLetter(
             origin=origin, subject=subject, reason=reason, at=now, job_id=job_id, task_id=task_id, raw=raw
         )

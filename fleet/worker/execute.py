@@ -23,6 +23,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from broker.server import die_with_parent
 from fleet.worker.context import TaskContext
 from fleet.worker.errors import CommandFailed, HandlerNotFound
 
@@ -140,6 +141,7 @@ async def _run_argv(argv: list[str], item: Any, ctx: TaskContext) -> dict[str, A
             stderr=asyncio.subprocess.PIPE,
             env=env,
             start_new_session=True,  # own process group: killpg reaches every child
+            preexec_fn=die_with_parent,  # and it dies if the worker is killed
         )
     except OSError as exc:
         raise CommandFailed(f"cannot start {cmd[0]!r}: {exc.strerror or exc}", exit_code=127) from None

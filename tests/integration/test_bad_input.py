@@ -185,14 +185,9 @@ async def test_oversize_publish_is_refused_and_the_scheduler_is_unaffected(stack
     await _still_works(stack)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the dead letter for input just under max_payload is itself over max_payload; "
-    "MaxPayloadError escapes Scheduler._apply/_pull_loop and the scheduler's TaskGroup dies "
-    "(fleet/scheduler/service.py; fix: truncate DeadLetter.raw in Ledger.dead_letter and/or catch "
-    "publish errors per effect)",
-)
 async def test_garbage_just_under_max_payload_is_dead_lettered(stack: Stack) -> None:
+    """Regression: the dead letter for input just under max_payload must itself fit, or publishing it
+    stops the scheduler (and the unacked input would crash it again after every restart)."""
     await stack.up(workers=1)
     fleet = stack.client
     subject = names.intake_task("j-big", "t1")

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import handlers
 from conftest import LEASE_S, Stack, WorkerProcs, count, wait_for
 from nats.aio.msg import Msg
 
 from broker import names, reader
-from fleet.core.records import Heartbeat, TaskEvent
+from fleet.core.records import Heartbeat, RetryPolicy, TaskEvent
 
 
 async def test_task_longer_than_lease_runs_once_on_one_worker(stack: Stack) -> None:
@@ -193,6 +194,38 @@ async def test_scheduler_restart_with_running_tasks_and_a_lost_worker(stack: Sta
     assert record.counts == {"succeeded": 2}
 
 
+async def test_killed_worker_does_not_leave_its_command_running(
+    stack: Stack, spawn_worker: WorkerProcs, tmp_path: Path
+) -> None:
+    """Regression: a command dies with its worker (kill -9) instead of running on as an orphan."""
+    await stack.start_scheduler()
+    fleet = await stack.connect()
+    beats: dict[int, Heartbeat] = {}
+
+    async def on_beat(msg: Msg) -> None:
+        hb = Heartbeat.from_wire(msg.data)
+        beats[hb.pid] = hb
+
+    sub = await fleet.nc.subscribe(names.HEARTBEATS, cb=on_beat)
+    pidfile = tmp_path / "command.pid"
+    code = f"import os, time, pathlib; pathlib.Path({str(pidfile)!r}).write_text(str(os.getpid())); time.sleep(15)"
+    command_pid = None
+    try:
+        proc = spawn_worker(stack.url, concurrency=1)
+        await wait_for(lambda: proc.pid in beats or _exited(proc), timeout=15, what="worker subprocess")
+        await fleet.submit(command=["python3", "-c", code], retry=RetryPolicy(max_attempts=1))
+        await wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=10, what="command started")
+        command_pid = int(pidfile.read_text())
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        await wait_for(lambda: not _alive(command_pid), timeout=3, what="the orphaned command to die")
+    finally:
+        await sub.unsubscribe()
+        if command_pid is not None and _alive(command_pid):
+            os.kill(command_pid, signal.SIGKILL)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 async def _states(stack: Stack, job: str, task: str) -> list[TaskEvent]:
     subject = names.event_subject(job, task, names.EVENT_STATE)
@@ -209,3 +242,15 @@ def _exited(proc: subprocess.Popen[bytes]) -> bool:
 def _log_tail(proc: subprocess.Popen[bytes]) -> str:
     path = getattr(proc, "log_path", None)
     return path.read_text(errors="replace")[-3000:] if path else "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False

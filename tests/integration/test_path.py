@@ -280,6 +280,82 @@ async def test_cancel_job_with_queued_slow_tasks(stack: Stack) -> None:
     assert await fleet.result(job2, task2, timeout=10) == 25
 
 
+async def test_retries_are_exhausted_then_the_task_fails(stack: Stack) -> None:
+    await stack.up(workers=1)
+    fleet = stack.client
+    job, task = await fleet.submit("handlers:always_fails", 1, retry=FAST_RETRY)
+
+    with pytest.raises(TaskFailed) as info:
+        await fleet.result(job, task, timeout=10)
+    assert "every time" in (info.value.reason or "")
+    report = await fleet.report(job, task)
+    assert report is not None and report.attempt == 3
+    record = await fleet.wait_job(job, timeout=5)
+    assert record.retries == 2 and record.counts == {"failed": 1}
+
+
+async def test_cancel_one_task_of_a_job(stack: Stack) -> None:
+    await stack.up(workers=1, concurrency=1)
+    fleet = stack.client
+    job = await fleet.submit_job("handlers:slow_item", items=[0, 1, 2], bundle=1, kwargs={"seconds": 0.5})
+
+    async def first_running() -> bool:
+        ev = await fleet.state(job, "t0000000")
+        return ev is not None and ev.state == "running"
+
+    await wait_for(first_running, timeout=10, what="first task running")
+    await fleet.cancel(job, "t0000002", reason="not this one")
+    record = await fleet.wait_job(job, timeout=10)
+
+    assert record.counts == {"succeeded": 2, "cancelled": 1} and not record.cancelled
+    state = await fleet.state(job, "t0000002")
+    assert state is not None and state.state == "cancelled" and state.reason == "not this one"
+    assert await fleet.report(job, "t0000002") is None, "the cancelled queued task still ran"
+
+
+async def test_cancel_a_running_task_stops_it(stack: Stack) -> None:
+    await stack.up(workers=1, concurrency=1)
+    fleet = stack.client
+    job, task = await fleet.submit("handlers:slow", 8.0)
+    worker = stack.workers[0]
+    await wait_for(lambda: worker.running, timeout=10, what="task running")
+
+    await fleet.cancel(job, task)
+    with pytest.raises(TaskFailed) as info:
+        await fleet.result(job, task, timeout=5)
+    assert info.value.state == "cancelled"
+    await wait_for(lambda: not worker.running, timeout=3, what="the worker to drop the task")
+    report = await fleet.report(job, task)
+    assert report is not None and report.outcome == "cancelled"
+    record = await fleet.wait_job(job, timeout=5)
+    assert record.finished and record.counts == {"cancelled": 1}
+
+
+async def test_named_queue_is_served_by_its_own_workers(stack: Stack) -> None:
+    await stack.up(workers=1, queue="gpu")
+    await stack.start_worker(queue="default")
+    fleet = stack.client
+    job = await fleet.submit_job("handlers:square", items=range(6), bundle=2, queue="gpu")
+
+    record = await fleet.wait_job(job, timeout=10)
+    assert record.queue == "gpu" and record.counts == {"succeeded": 3}
+    gpu_worker = next(w for w in stack.workers if w.s.queue == "gpu")
+    assert {r.worker_id async for r, _ in fleet.results(job)} == {gpu_worker.worker_id}
+
+
+async def test_resubmitting_the_same_job_is_deduplicated(stack: Stack) -> None:
+    await stack.up(workers=2)
+    fleet = stack.client
+    job = await fleet.submit_job("handlers:square", items=range(20), bundle=2, job_id="same-job")
+    again = await fleet.submit_job("handlers:square", items=range(20), bundle=2, job_id="same-job")
+    assert again == job == "same-job"
+
+    record = await fleet.wait_job(job, timeout=10)
+    assert record.total == 10 and record.submitted == 10 and record.counts == {"succeeded": 10}
+    await asyncio.sleep(0.3)  # a duplicate, had it been admitted, would have run by now
+    assert sum(w.completed for w in stack.workers) == 10
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 async def _states(stack: Stack, job: str, task: str) -> list[TaskEvent]:
     out: list[TaskEvent] = []
