@@ -255,10 +255,11 @@ class WorkerProcs:
         return proc
 
     def kill_all(self) -> None:
+        """SIGKILL each worker's whole process group (it leads its own session), so children such as
+        process-pool workers or commands go too, even when the worker itself was killed earlier."""
         for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -196,6 +196,7 @@ async def test_garbage_just_under_max_payload_is_dead_lettered(stack: Stack) -> 
     try:
         letter = await _dead_letter(fleet, "intake", subject, stack=stack)
         assert letter.task_id == "t1"
+        assert 0 < len(letter.raw) < len(body) and body.startswith(letter.raw), "raw is kept, truncated"
         assert (await _final_state(fleet, "j-big", "t1")).state == "dead"
         await _still_works(stack)
     finally:

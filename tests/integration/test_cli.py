@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, Stack, subprocess_env, wait_for
@@ -278,14 +279,14 @@ async def test_fleet_up_is_found_through_fleet_home(tmp_path: Path, home: Path) 
         assert sub.rc == 0, sub
         job = sub.out.strip()
 
-        async def finished() -> dict[str, object] | None:
+        async def finished() -> dict[str, Any] | None:
             st = await fleet("status", job, "--json", home=home)
             assert st.rc == 0, st
-            doc: dict[str, object] = json.loads(st.out)
+            doc: dict[str, Any] = json.loads(st.out)
             return doc if doc["finished"] else None
 
         status = await wait_for(finished, timeout=30, what="job finished", interval=0.1)
-        assert status["counts"]["succeeded"] == 10  # type: ignore[index]
+        assert status["counts"]["succeeded"] == 10
         assert url.startswith("nats://127.0.0.1:")
     finally:
         if proc.returncode is None:

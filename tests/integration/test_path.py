@@ -10,9 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Stack, count, wait_for
+from conftest import Stack, WorkerProcs, count, wait_for
+from pydantic import ValidationError
 
 from broker import codec, names, reader
+from broker.names import InvalidName
 from clients.sdk.client import TaskFailed
 from fleet.core.records import JobRecord, RetryPolicy, TaskEvent
 
@@ -213,7 +215,7 @@ async def test_progress_and_log_events_reach_the_client(stack: Stack) -> None:
     assert any(e.message and e.message.startswith("half way through") for e in progress) or any(
         e.progress == 1.0 for e in progress
     )
-    states = [e.state for e in seen if isinstance(e, TaskEvent) and e.kind == "state"]
+    states = [str(e.state) for e in seen if isinstance(e, TaskEvent) and e.kind == "state"]
     assert states.count("queued") == 2 and states.count("running") == 2 and states.count("succeeded") == 2
 
 
@@ -354,6 +356,71 @@ async def test_resubmitting_the_same_job_is_deduplicated(stack: Stack) -> None:
     assert record.total == 10 and record.submitted == 10 and record.counts == {"succeeded": 10}
     await asyncio.sleep(0.3)  # a duplicate, had it been admitted, would have run by now
     assert sum(w.completed for w in stack.workers) == 10
+
+
+async def test_cancel_during_retry_backoff(stack: Stack) -> None:
+    await stack.up(workers=1)
+    fleet = stack.client
+    slow_retry = RetryPolicy(max_attempts=3, backoff_s=1.5, jitter=0)
+    job, task = await fleet.submit("handlers:always_fails", 1, retry=slow_retry)
+
+    async def retrying() -> bool:
+        ev = await fleet.state(job, task)
+        return ev is not None and ev.state == "retrying"
+
+    await wait_for(retrying, timeout=10, what="task waiting for its retry")
+
+    async def retry_waiting() -> bool:
+        return await count(fleet.js, names.INTAKE_STREAM, names.intake_retry(job, task)) == 1
+
+    await wait_for(retry_waiting, timeout=3, what="the retry held back on the intake stream")
+    await fleet.cancel(job)
+    record = await fleet.wait_job(job, timeout=3)
+    assert record.cancelled and record.counts == {"cancelled": 1} and record.retries == 1
+
+    # the deferred retry comes due, is seen to be cancelled and is dropped, not dispatched
+    async def retry_consumed() -> bool:
+        return await count(fleet.js, names.INTAKE_STREAM, names.intake_retry(job, task)) == 0
+
+    await wait_for(retry_consumed, timeout=5, what="the deferred retry to be consumed")
+    assert await count(fleet.js, names.TASKS_STREAM, names.job_tasks_filter(job)) == 0
+    report = await fleet.report(job, task)
+    assert report is not None and report.attempt == 1
+    state = await fleet.state(job, task)
+    assert state is not None and state.state == "cancelled"
+    assert stack.workers[0].completed == 1 and not stack.workers[0].running
+
+
+async def test_empty_job_finishes_at_once(stack: Stack) -> None:
+    await stack.up(workers=1)
+    fleet = stack.client
+    job = await fleet.submit_job("handlers:square", items=[], bundle=5)
+    record = await fleet.wait_job(job, timeout=5)
+    assert record.total == 0 and record.counts == {} and record.finished
+
+
+async def test_invalid_ids_are_refused_by_the_client(stack: Stack) -> None:
+    await stack.up(workers=0)
+    fleet = stack.client
+    with pytest.raises(InvalidName):
+        await fleet.submit_job("handlers:square", items=[1], job_id="has.dot")
+    with pytest.raises(InvalidName):
+        await fleet.submit("handlers:square", 1, job_id="a*b")
+    with pytest.raises(ValidationError):
+        await fleet.submit("not-a-handler", 1)
+
+
+async def test_process_executor_worker(stack: Stack, spawn_worker: WorkerProcs) -> None:
+    await stack.start_scheduler()
+    fleet = await stack.connect()
+    proc = spawn_worker(stack.url, "--executor", "process", concurrency=2)
+    job = await fleet.submit_job("handlers:square", items=range(20), bundle=5)
+
+    record = await fleet.wait_job(job, timeout=20)
+    assert proc.poll() is None
+    assert record.counts == {"succeeded": 4}
+    values = [x for _, v in sorted([(r.task_id, v) async for r, v in fleet.results(job)]) for x in v]
+    assert values == [i * i for i in range(20)]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
