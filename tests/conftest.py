@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+from broker import reader  # noqa: E402
 from broker.server import EmbeddedServer  # noqa: E402
 from clients.sdk.client import FleetClient  # noqa: E402
 from fleet.scheduler.service import Scheduler, SchedulerSettings  # noqa: E402
@@ -65,13 +64,8 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-async def count(js: JetStreamContext, stream: str, subject: str) -> int:
-    """Messages stored in ``stream`` on subjects matching ``subject`` (per-subject counts)."""
-    try:
-        info = await js.stream_info(stream, subjects_filter=subject)
-    except NotFoundError:
-        return 0
-    return sum((info.state.subjects or {}).values())
+count = reader.count
+"""Messages stored in a stream on subjects matching a filter."""
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
