@@ -26,8 +26,9 @@ ENC_ZSTD: Encoding = "msgpack+zstd"
 COMPRESS_OVER = 4096
 """Payloads whose msgpack form is larger than this many bytes are zstd-compressed."""
 
-MAX_DECODED = 1 << 31
-"""Refuse to inflate a payload past 2 GiB (a corrupt or hostile frame)."""
+MAX_DECODED = 256 << 20
+"""Refuse to inflate a payload past 256 MiB (a corrupt or hostile frame: zstd can expand a few
+kilobytes into gigabytes). Frames that do not declare their size are bounded the same way."""
 
 _ZSTD_LEVEL = 3
 

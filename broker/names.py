@@ -1,26 +1,31 @@
-"""Every stream, subject, consumer and bucket name fleet uses, in one place.
+"""Every stream, subject, consumer, bucket and message-id fleet uses, in one place.
 
-Grammar: one prefix (``fleet``), ``.`` between subject tokens, ``_`` in stream and
-bucket names, and the second token names the kind of traffic:
+Grammar: one prefix (``fleet``), ``.`` between subject tokens, ``_`` in stream and bucket names,
+and the second token names the kind of traffic:
 
-=========================================  ================  ==========================================
-subject                                    stream            what travels on it
-=========================================  ================  ==========================================
-``fleet.intake.job.<job>``                 FLEET_INTAKE (WQ) a job declaration (client -> scheduler)
-``fleet.intake.task.<job>.<task>``         FLEET_INTAKE      one task submission (client -> scheduler)
-``fleet.intake.retry.<job>.<task>``        FLEET_INTAKE      a retry the scheduler scheduled for later
-``fleet.intake.cancel.<job>``              FLEET_INTAKE      a cancellation request
-``fleet.task.<queue>.<job>.<task>``        FLEET_TASKS (WQ)  admitted work, pulled by workers
-``fleet.report.start.<worker>``            FLEET_REPORTS     a worker started a batch of deliveries
-``fleet.report.done.<job>.<task>``         FLEET_REPORTS     the outcome of one attempt (the result)
-``fleet.event.<job>.<task>.<kind>``        FLEET_EVENTS      state changes, progress, log lines
-``fleet.event.<job>.job``                  FLEET_EVENTS      job-level summary (counts by state)
-``fleet.dlq.<origin>``                     FLEET_DLQ         dead letters: undecodable or rejected input
-``fleet.hb.<worker>``                      (core NATS)       worker liveness and load
-``fleet.ctl.cancel.<job>``                 (core NATS)       tells workers to stop a job's running tasks
-=========================================  ================  ==========================================
+=========================================  ==================  ==========================================
+subject                                    stream              what travels on it
+=========================================  ==================  ==========================================
+``fleet.intake.job.<job>``                 FLEET_INTAKE (1/s)  a job declaration (client -> scheduler)
+``fleet.intake.task.<job>.<task>``         FLEET_INTAKE        one task's envelope, kept until archive
+``fleet.intake.cancel.<job>[.<task>]``     FLEET_INTAKE        a cancellation request (kept: it sticks)
+``fleet.intake.retry.<job>.<request>``     FLEET_INTAKE        re-run a job's failed tasks (``fleet retry``)
+``fleet.task.<queue>.<job>.<task>``        FLEET_TASKS (WQ)    one dispatch of a task, pulled by workers
+``fleet.report.start.<worker>``            FLEET_REPORTS (WQ)  a worker started a batch of deliveries
+``fleet.report.done.<job>.<task>``         FLEET_REPORTS       the outcome of one delivery
+``fleet.state.<job>.<task>``               FLEET_STATE (1/s)   the task's state of record (TaskRecord)
+``fleet.result.<job>.<task>``              FLEET_RESULTS (1/s) the accepted outcome (a DoneReport)
+``fleet.event.<job>.<task>.<kind>``        FLEET_EVENTS        history: progress, log, state (sourced)
+``fleet.event.<job>.job``                  FLEET_EVENTS        job-level summary (counts by state)
+``fleet.dlq.<origin>``                     FLEET_DLQ           undecodable or rejected input
+``fleet.dlq.task.<job>.<task>``            FLEET_DLQ           a task that ended dead, and why
+``fleet.hb.<worker>``                      (core NATS)         heartbeat request; the reply fences
+``fleet.ctl.cancel.<job>``                 (core NATS)         fast path: stop a job's running tasks
+=========================================  ==================  ==========================================
 
-KV buckets: ``fleet_jobs`` (one record per job). Object store: ``fleet_blobs`` (offloaded payloads).
+"1/s" streams keep one message per subject and no age limit: they are records, removed only when
+their job is archived. KV bucket ``fleet_jobs`` holds one JobRecord per job (no TTL); object store
+``fleet_blobs`` holds offloaded payloads under ``<job>/sha256:<hex>``.
 
 User-supplied identifiers (job ids, task ids, queue names, tenants, worker ids) become subject
 tokens, so they are checked by :func:`check_token` before they reach a subject.
@@ -36,22 +41,31 @@ PREFIX = "fleet"
 INTAKE_STREAM = "FLEET_INTAKE"
 TASKS_STREAM = "FLEET_TASKS"
 REPORTS_STREAM = "FLEET_REPORTS"
+STATE_STREAM = "FLEET_STATE"
+RESULTS_STREAM = "FLEET_RESULTS"
 EVENTS_STREAM = "FLEET_EVENTS"
 DLQ_STREAM = "FLEET_DLQ"
 
 # Durable consumers
 INTAKE_CONSUMER = "scheduler-intake"
+CONTROL_CONSUMER = "scheduler-control"
 REPORTS_CONSUMER = "scheduler-reports"
 
 # KV buckets and object store
 JOBS_BUCKET = "fleet_jobs"
 BLOBS_BUCKET = "fleet_blobs"
+JOBS_KV_SUBJECTS = f"$KV.{JOBS_BUCKET}.>"
+JOBS_KV_STREAM = f"KV_{JOBS_BUCKET}"
 
 # Event kinds (last token of an event subject)
 EVENT_STATE = "state"
 EVENT_PROGRESS = "progress"
 EVENT_LOG = "log"
 EVENT_JOB = "job"
+
+# Headers fleet sets on dispatched tasks
+HDR_ATTEMPT = "Fleet-Attempt"
+HDR_DISPATCH = "Fleet-Dispatch"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -71,8 +85,10 @@ def is_token(value: object) -> bool:
     return isinstance(value, str) and bool(_TOKEN.fullmatch(value))
 
 
-# ---- intake -------------------------------------------------------------------------------------
+# ---- intake (the task store) ----------------------------------------------------------------------
 INTAKE_SUBJECTS = f"{PREFIX}.intake.>"
+INTAKE_TASKS = f"{PREFIX}.intake.task.>"
+CONTROL_FILTERS = (f"{PREFIX}.intake.job.>", f"{PREFIX}.intake.cancel.>", f"{PREFIX}.intake.retry.>")
 
 
 def intake_job(job: str) -> str:
@@ -83,12 +99,18 @@ def intake_task(job: str, task: str) -> str:
     return f"{PREFIX}.intake.task.{job}.{task}"
 
 
-def intake_retry(job: str, task: str) -> str:
-    return f"{PREFIX}.intake.retry.{job}.{task}"
+def intake_cancel(job: str, task: str | None = None) -> str:
+    return f"{PREFIX}.intake.cancel.{job}" + (f".{task}" if task else "")
 
 
-def intake_cancel(job: str) -> str:
-    return f"{PREFIX}.intake.cancel.{job}"
+def intake_retry(job: str, request: str) -> str:
+    return f"{PREFIX}.intake.retry.{job}.{request}"
+
+
+def job_intake_filters(job: str) -> tuple[str, ...]:
+    """Everything a job left in the intake stream (purged when the job is archived)."""
+    p = f"{PREFIX}.intake"
+    return (f"{p}.job.{job}", f"{p}.task.{job}.*", f"{p}.cancel.{job}", f"{p}.cancel.{job}.*", f"{p}.retry.{job}.*")
 
 
 # ---- work ---------------------------------------------------------------------------------------
@@ -105,7 +127,7 @@ def queue_filter(queue: str) -> str:
 
 
 def job_tasks_filter(job: str) -> str:
-    """All queued work of one job, across queues (used to purge on cancel)."""
+    """All dispatched work of one job, across queues (purged on cancel)."""
     return f"{PREFIX}.task.*.{job}.*"
 
 
@@ -113,8 +135,10 @@ def queue_consumer(queue: str) -> str:
     return f"workers-{queue}"
 
 
-# ---- reports ------------------------------------------------------------------------------------
+# ---- reports, state of record, results -------------------------------------------------------------
 REPORTS_SUBJECTS = f"{PREFIX}.report.>"
+STATE_SUBJECTS = f"{PREFIX}.state.>"
+RESULTS_SUBJECTS = f"{PREFIX}.result.>"
 
 
 def report_start(worker: str) -> str:
@@ -125,12 +149,26 @@ def report_done(job: str, task: str) -> str:
     return f"{PREFIX}.report.done.{job}.{task}"
 
 
+def state_subject(job: str, task: str) -> str:
+    return f"{PREFIX}.state.{job}.{task}"
+
+
+def job_state_filter(job: str) -> str:
+    return f"{PREFIX}.state.{job}.*"
+
+
+def result_subject(job: str, task: str) -> str:
+    return f"{PREFIX}.result.{job}.{task}"
+
+
 def job_results_filter(job: str) -> str:
-    return f"{PREFIX}.report.done.{job}.*"
+    return f"{PREFIX}.result.{job}.*"
 
 
-# ---- events -------------------------------------------------------------------------------------
+# ---- events (history) -----------------------------------------------------------------------------
 EVENTS_SUBJECTS = f"{PREFIX}.event.>"
+STATE_TO_EVENT = (f"{PREFIX}.state.*.*", f"{PREFIX}.event.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{EVENT_STATE}")
+"""Subject transform that copies every state of record into the history (stream sourcing)."""
 
 
 def event_subject(job: str, task: str, kind: str) -> str:
@@ -149,16 +187,21 @@ def task_events_filter(job: str, task: str) -> str:
     return f"{PREFIX}.event.{job}.{task}.*"
 
 
-def job_states_filter(job: str) -> str:
-    return f"{PREFIX}.event.{job}.*.{EVENT_STATE}"
-
-
 # ---- dead letters, liveness, control --------------------------------------------------------------
 DLQ_SUBJECTS = f"{PREFIX}.dlq.>"
+DLQ_TASKS = f"{PREFIX}.dlq.task.>"
 
 
 def dlq_subject(origin: str) -> str:
     return f"{PREFIX}.dlq.{origin}"
+
+
+def dlq_task_subject(job: str, task: str) -> str:
+    return f"{PREFIX}.dlq.task.{job}.{task}"
+
+
+def job_dlq_filter(job: str) -> str:
+    return f"{PREFIX}.dlq.task.{job}.*"
 
 
 HEARTBEATS = f"{PREFIX}.hb.*"
@@ -175,17 +218,72 @@ def cancel_subject(job: str) -> str:
     return f"{PREFIX}.ctl.cancel.{job}"
 
 
+# ---- object store names -----------------------------------------------------------------------------
+def blob_name(job: str, ref: str) -> str:
+    """Offloaded payloads are scoped to their job, so they live and die with it."""
+    return f"{job}/{ref}"
+
+
+# ---- Nats-Msg-Id grammar (de-duplication) ------------------------------------------------------------
+def msgid_job(job: str) -> str:
+    return f"job:{job}"
+
+
+def msgid_submit(job: str, task: str) -> str:
+    return f"task:{job}/{task}"
+
+
+def msgid_idempotent(tenant: str, key: str) -> str:
+    return f"idem:{tenant}:{key}"
+
+
+def msgid_cancel(job: str, task: str | None = None) -> str:
+    return f"cancel:{job}" + (f"/{task}" if task else "")
+
+
+def msgid_dispatch(job: str, task: str, attempt: int, dispatch: int) -> str:
+    return f"dispatch:{job}/{task}:{attempt}.{dispatch}"
+
+
+def msgid_state(job: str, task: str, rev: int) -> str:
+    return f"state:{job}/{task}:{rev}"
+
+
+def msgid_result(job: str, task: str) -> str:
+    return f"result:{job}/{task}"
+
+
+def msgid_start(worker: str, token: int) -> str:
+    """A start report, named by its worker and the first token of its batch."""
+    return f"start:{worker}:{token}"
+
+
+def msgid_done(job: str, task: str, token: int) -> str:
+    return f"done:{job}/{task}:{token}"
+
+
+def msgid_dead(job: str, task: str) -> str:
+    return f"dead:{job}/{task}"
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+_TASK_SUBJECTS = {
+    ("intake", "task"): 5,
+    ("report", "done"): 5,
+    ("state",): 4,
+    ("result",): 4,
+}
+
+
 def task_of(subject: str) -> tuple[str | None, str | None]:
-    """(job, task) named by an intake task/retry, a task or a done-report subject, else (None, None)."""
+    """(job, task) named by an intake task, task, done-report, state or result subject, else (None, None)."""
     t = subject.split(".")
-    if t[0] != PREFIX or (len(t) != 5 and len(t) != 6):
+    if not t or t[0] != PREFIX or len(t) < 4:
         return None, None
-    if (
-        (t[1] == "intake" and t[2] in ("task", "retry") and len(t) == 5)
-        or (t[1] == "report" and t[2] == "done" and len(t) == 5)
-        or (t[1] == "task" and len(t) == 5)
-    ):
+    if t[1] == "task" and len(t) == 5:
         job, task = t[3], t[4]
+    elif _TASK_SUBJECTS.get((t[1], t[2])) == len(t) or _TASK_SUBJECTS.get((t[1],)) == len(t):
+        job, task = t[-2], t[-1]
     else:
         return None, None
     return (job, task) if is_token(job) and is_token(task) else (None, None)

@@ -1,8 +1,14 @@
 """Idempotent creation of every stream, consumer, KV bucket and object store fleet uses.
 
 Safe to call from every process at start-up: objects that exist are left as they are unless a
-setting that fleet owns (retention age, lease) differs, in which case the current config is read,
-changed and written back (never a fresh config: jetstream.md pitfall 27).
+setting that fleet owns (history limits, subjects, sources) differs and the caller is the
+scheduler, in which case the current config is read, changed and written back (never a fresh
+config: jetstream.md pitfall 27). A stream whose retention differs from what this version needs
+(a store made by an older fleet) is an error that says so.
+
+Records (the intake task store, the state of record, results, job records, offloaded payloads)
+have no age limit: they are removed when their job is archived. Only history (events, dead
+letters) is bounded, by age and by bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ from broker import names
 log = logging.getLogger("fleet.broker")
 
 HOUR = 3600.0
+GIB = 1 << 30
+
+
+class ProvisionError(RuntimeError):
+    """A stream or consumer exists with a configuration this version of fleet cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +36,13 @@ class BusConfig:
     """What the streams and consumers are created with."""
 
     history_s: float = 72 * HOUR
-    """How long results, events and job records are kept (at least 24 h by design)."""
+    """How long progress, log, state-history and job events are kept."""
+    history_bytes: int = 4 * GIB
+    """Size cap of the event history (oldest events go first)."""
     dlq_history_s: float = 14 * 24 * HOUR
+    dlq_bytes: int = 1 * GIB
     dedup_window_s: float = 600.0
-    """Nats-Msg-Id de-duplication window of the intake, task and report streams."""
+    """Nats-Msg-Id de-duplication window of the intake, task, report, state and result streams."""
     replicas: int = 1
     max_inflight: int = 65536
     """MaxAckPending of each work-queue consumer: the most tasks a queue can have running at once."""
@@ -46,7 +60,6 @@ def _stream(
         storage=api.StorageType.FILE,
         num_replicas=cfg.replicas,
         duplicate_window=cfg.dedup_window_s,
-        discard=api.DiscardPolicy.OLD,
         allow_direct=True,
         **kw,  # type: ignore[arg-type]
     )
@@ -54,31 +67,77 @@ def _stream(
 
 def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
     wq, limits = api.RetentionPolicy.WORK_QUEUE, api.RetentionPolicy.LIMITS
+    old, new = api.DiscardPolicy.OLD, api.DiscardPolicy.NEW
+    state_src = api.StreamSource(
+        name=names.STATE_STREAM,
+        subject_transforms=[api.SubjectTransform(src=names.STATE_TO_EVENT[0], dest=names.STATE_TO_EVENT[1])],
+    )
     return [
-        _stream(names.INTAKE_STREAM, [names.INTAKE_SUBJECTS], wq, cfg),
-        _stream(names.TASKS_STREAM, [names.TASKS_SUBJECTS], wq, cfg),
-        _stream(names.REPORTS_STREAM, [names.REPORTS_SUBJECTS], limits, cfg, max_age=cfg.history_s),
-        _stream(names.EVENTS_STREAM, [names.EVENTS_SUBJECTS], limits, cfg, max_age=cfg.history_s),
-        _stream(names.DLQ_STREAM, [names.DLQ_SUBJECTS], limits, cfg, max_age=cfg.dlq_history_s),
+        # the task store: one message per subject, a resubmission is refused (never replaces)
+        _stream(
+            names.INTAKE_STREAM,
+            [names.INTAKE_SUBJECTS],
+            limits,
+            cfg,
+            discard=new,
+            max_msgs_per_subject=1,
+            discard_new_per_subject=True,
+        ),
+        _stream(names.TASKS_STREAM, [names.TASKS_SUBJECTS], wq, cfg, discard=old),
+        _stream(names.REPORTS_STREAM, [names.REPORTS_SUBJECTS], wq, cfg, discard=old),
+        _stream(names.STATE_STREAM, [names.STATE_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1),
+        _stream(names.RESULTS_STREAM, [names.RESULTS_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1),
+        _stream(
+            names.EVENTS_STREAM,
+            [names.EVENTS_SUBJECTS],
+            limits,
+            cfg,
+            discard=old,
+            max_age=cfg.history_s,
+            max_bytes=cfg.history_bytes,
+            sources=[state_src],
+        ),
+        _stream(
+            names.DLQ_STREAM,
+            [names.DLQ_SUBJECTS],
+            limits,
+            cfg,
+            discard=old,
+            max_age=cfg.dlq_history_s,
+            max_bytes=cfg.dlq_bytes,
+        ),
     ]
 
 
+def _owned(c: api.StreamConfig) -> tuple[object, ...]:
+    srcs = tuple(s.name for s in c.sources or [])
+    return (c.max_age or 0.0, c.max_bytes or -1, tuple(c.subjects or []), srcs)
+
+
 async def ensure_stream(js: JetStreamContext, want: api.StreamConfig, *, authoritative: bool = False) -> None:
-    """Create ``want`` if missing; only an ``authoritative`` caller (the scheduler) changes retention."""
+    """Create ``want`` if missing; only an ``authoritative`` caller (the scheduler) changes limits."""
     try:
         info = await js.stream_info(want.name or "")
     except NotFoundError:
         await js.add_stream(want)
         return
     have = info.config
-    if authoritative and (have.max_age != want.max_age or have.subjects != want.subjects):
-        have.max_age, have.subjects = want.max_age, want.subjects
+    if have.retention != want.retention or (have.max_msgs_per_subject or -1) != (want.max_msgs_per_subject or -1):
+        raise ProvisionError(
+            f"stream {want.name} exists with retention {have.retention} and "
+            f"{have.max_msgs_per_subject} messages per subject; this fleet needs {want.retention} and "
+            f"{want.max_msgs_per_subject}. The store was made by an older fleet: point fleet at a new "
+            "store (for example remove .fleet/data) or delete the stream."
+        )
+    if authoritative and _owned(have) != _owned(want):
+        have.max_age, have.max_bytes, have.subjects = want.max_age, want.max_bytes, want.subjects
+        have.sources = want.sources
         await js.update_stream(have)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, want: api.ConsumerConfig) -> api.ConsumerInfo:
-    name = want.durable_name or ""
     """Create the durable consumer if missing; an existing one keeps its settings (its lease wins)."""
+    name = want.durable_name or ""
     info: api.ConsumerInfo
     try:
         info = await js.consumer_info(stream, name)
@@ -87,47 +146,51 @@ async def ensure_consumer(js: JetStreamContext, stream: str, want: api.ConsumerC
     return info
 
 
+def _scheduler_consumer(name: str, **kw: object) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=name,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=60.0,
+        max_ack_pending=100_000,
+        max_deliver=-1,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 async def ensure_bus(
     js: JetStreamContext, cfg: BusConfig = BusConfig(), *, authoritative: bool = False
 ) -> None:
     """Streams, scheduler consumers, the jobs KV bucket and the blob store."""
     for sc in stream_configs(cfg):
         await ensure_stream(js, sc, authoritative=authoritative)
-    intake = api.ConsumerConfig(
-        durable_name=names.INTAKE_CONSUMER,
-        ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=60.0,
-        max_ack_pending=1_000_000,
-        max_deliver=-1,
-        filter_subject=names.INTAKE_SUBJECTS,
-    )
-    reports = api.ConsumerConfig(
-        durable_name=names.REPORTS_CONSUMER,
-        ack_policy=api.AckPolicy.EXPLICIT,
-        deliver_policy=api.DeliverPolicy.ALL,
-        ack_wait=60.0,
-        max_ack_pending=100_000,
-        max_deliver=-1,
-        filter_subject=names.REPORTS_SUBJECTS,
-    )
-    await ensure_consumer(js, names.INTAKE_STREAM, intake)
-    await ensure_consumer(js, names.REPORTS_STREAM, reports)
+    consumers = [
+        (names.INTAKE_STREAM, _scheduler_consumer(names.INTAKE_CONSUMER, filter_subject=names.INTAKE_TASKS)),
+        (
+            names.INTAKE_STREAM,
+            _scheduler_consumer(names.CONTROL_CONSUMER, filter_subjects=list(names.CONTROL_FILTERS)),
+        ),
+        (names.REPORTS_STREAM, _scheduler_consumer(names.REPORTS_CONSUMER, filter_subject=names.REPORTS_SUBJECTS)),
+    ]
+    for stream, want in consumers:
+        await ensure_consumer(js, stream, want)
     try:
         await js.key_value(names.JOBS_BUCKET)
     except BucketNotFoundError:
-        await js.create_key_value(
-            api.KeyValueConfig(bucket=names.JOBS_BUCKET, history=1, ttl=cfg.history_s, replicas=cfg.replicas)
-        )
+        await js.create_key_value(api.KeyValueConfig(bucket=names.JOBS_BUCKET, history=1, replicas=cfg.replicas))
     try:
         await js.object_store(names.BLOBS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
-        await js.create_object_store(
-            names.BLOBS_BUCKET, config=api.ObjectStoreConfig(ttl=cfg.history_s, replicas=cfg.replicas)
-        )
+        await js.create_object_store(names.BLOBS_BUCKET, config=api.ObjectStoreConfig(replicas=cfg.replicas))
+
+
+DEFAULT_LEASE_S = 60.0
+"""AckWait of a new queue consumer. The scheduler requeues on missed heartbeats within seconds;
+the lease is only the backstop for when the scheduler itself is down."""
 
 
 async def ensure_queue(
-    js: JetStreamContext, queue: str, *, lease_s: float, cfg: BusConfig = BusConfig()
+    js: JetStreamContext, queue: str, *, lease_s: float = DEFAULT_LEASE_S, cfg: BusConfig = BusConfig()
 ) -> api.ConsumerInfo:
     """The durable pull consumer workers of ``queue`` share. Its AckWait is the task lease."""
     names.check_token(queue, "queue")

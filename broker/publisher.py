@@ -1,72 +1,180 @@
-"""JetStream publishing with bounded windows and no silent hangs.
+"""JetStream publishing that never hangs and never leaks.
 
-nats-py's ``publish_async`` never resolves its future when the server rejects a message
-(jetstream.md pitfall 13), so every wait here is bounded; on a timeout the message is published
-again synchronously with the same ``Nats-Msg-Id``, which either stores it or reports the duplicate
-(the outcome the lost acknowledgement would have told us).
+nats-py's ``publish_async`` never resolves its future when the server *rejects* a message, and
+each such future holds one of its 4,000 permits for ever (jetstream.md §3.2 item 1). So fleet
+keeps its own reply mux: every publish carries a reply inbox of ours, every reply resolves its
+future (a PubAck, or a :class:`PublishError` that names the server's reason), and every wait is
+bounded. A whole window is waited for with one deadline; messages still unanswered are sent once
+more, together, with the same ``Nats-Msg-Id`` (stored or reported as a duplicate: the outcome the
+lost acknowledgement would have told us). Nothing is retried one message at a time.
+
+Fire-and-forget publishes (:meth:`Publisher.fire`) are bounded too: at most ``fire_limit`` in
+flight, each forgotten after ``ack_timeout``; beyond that they are dropped and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
+import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from nats.js import JetStreamContext, api
-from nats.js.errors import APIError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
 
 log = logging.getLogger("fleet.broker")
 
 ACK_TIMEOUT = 5.0
+ERR_SUBJECT_FULL = 10077
+"""'maximum messages per subject exceeded': a 1-per-subject record stream already holds this one."""
 
 
 class PublishError(RuntimeError):
-    """The server did not store a message (and says why)."""
+    """The server did not store a message. ``transient`` errors (no answer, no responders during an
+    election, a lost connection) may succeed when tried again; the others will not."""
+
+    def __init__(self, message: str, *, transient: bool, code: int = 0) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
 
 
-Outgoing = tuple[str, bytes, str | None]
-"""(subject, body, Nats-Msg-Id or None)"""
+class Out(NamedTuple):
+    subject: str
+    data: bytes
+    msg_id: str | None = None
+    headers: dict[str, str] | None = None
 
 
-def _headers(msg_id: str | None) -> dict[str, str] | None:
-    return {api.Header.MSG_ID: msg_id} if msg_id else None
+Outgoing = Out | tuple[str, bytes, str | None]
+
+
+def _out(item: Outgoing) -> Out:
+    return item if isinstance(item, Out) else Out(*item)
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, *, ack_timeout: float = ACK_TIMEOUT) -> None:
-        self.js = js
+    def __init__(self, nc: NATS, *, ack_timeout: float = ACK_TIMEOUT, fire_limit: int = 10_000) -> None:
+        self.nc = nc
         self.ack_timeout = ack_timeout
+        self.fire_limit = fire_limit
+        self.fire_inflight = 0
+        self.dropped = 0
+        self.last_ack = time.monotonic()
+        """Monotonic time of the last message the server confirmed (publishing health)."""
+        self._futures: dict[str, asyncio.Future[api.PubAck]] = {}
+        self._ids = itertools.count()
+        self._prefix = ""
+        self._sub_lock = asyncio.Lock()
 
-    async def publish(self, subject: str, data: bytes, msg_id: str | None = None) -> api.PubAck:
+    # -- the reply mux ---------------------------------------------------------------------------
+    async def _inbox(self) -> str:
+        if not self._prefix:
+            async with self._sub_lock:
+                if not self._prefix:
+                    prefix = self.nc.new_inbox()
+                    await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
+                    self._prefix = prefix
+        return f"{self._prefix}.{next(self._ids)}"
+
+    async def _on_reply(self, msg: Msg) -> None:
+        fut = self._futures.pop(msg.subject, None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(PublishError("no JetStream stream answered (election?)", transient=True, code=503))
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(PublishError(f"unreadable PubAck {msg.data[:80]!r}", transient=True))
+            return
+        err = resp.get("error")
+        if err is None:
+            self.last_ack = time.monotonic()
+            fut.set_result(api.PubAck.from_response(resp))
+        elif err.get("err_code") == ERR_SUBJECT_FULL:
+            self.last_ack = time.monotonic()
+            fut.set_result(api.PubAck(stream=resp.get("stream", ""), seq=0, duplicate=True))
+        else:
+            code = int(err.get("err_code") or err.get("code") or 0)
+            fut.set_exception(PublishError(f"server refused: {err.get('description', err)}", transient=False, code=code))
+
+    async def _send(self, item: Out) -> tuple[str, asyncio.Future[api.PubAck]]:
+        reply = await self._inbox()
+        fut: asyncio.Future[api.PubAck] = asyncio.get_running_loop().create_future()
+        self._futures[reply] = fut
+        headers = dict(item.headers or {})
+        if item.msg_id:
+            headers[api.Header.MSG_ID] = item.msg_id
+        try:
+            await self.nc.publish(item.subject, item.data, reply=reply, headers=headers or None)
+        except Exception as exc:
+            self._futures.pop(reply, None)
+            transient = not isinstance(exc, ValueError) and "payload" not in str(exc).lower()
+            fut.set_exception(PublishError(f"cannot publish to {item.subject}: {exc}", transient=transient))
+        return reply, fut
+
+    def _forget(self, reply: str) -> None:
+        fut = self._futures.pop(reply, None)
+        if fut is not None:
+            fut.cancel()
+
+    # -- acknowledged publishing --------------------------------------------------------------------
+    async def publish(
+        self, subject: str, data: bytes, msg_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> api.PubAck:
         """Publish one message and wait for the server to store it."""
-        acks = await self.publish_many([(subject, data, msg_id)])
-        return acks[0]
+        return (await self.publish_many([Out(subject, data, msg_id, headers)]))[0]
 
     async def publish_many(self, items: Iterable[Outgoing]) -> list[api.PubAck]:
-        """Publish a batch without a round trip per message; return when all are stored."""
-        batch = list(items)
-        futs = [await self.js.publish_async(s, d, headers=_headers(m)) for s, d, m in batch]
-        acks: list[api.PubAck] = []
-        for (subject, data, msg_id), fut in zip(batch, futs, strict=True):
-            try:
-                acks.append(await asyncio.wait_for(fut, self.ack_timeout))
-            except (TimeoutError, APIError) as exc:
-                log.debug("async publish to %s unresolved (%s); retrying synchronously", subject, exc)
-                acks.append(await self._sync(subject, data, msg_id))
-        return acks
+        """Publish a window; return when every message is stored, else raise :class:`PublishError`."""
+        batch = [_out(i) for i in items]
+        acks: list[api.PubAck | None] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for round_ in range(2):
+            sent = {i: await self._send(batch[i]) for i in todo}
+            if sent:
+                await asyncio.wait([f for _, f in sent.values()], timeout=self.ack_timeout)
+            todo = []
+            for i, (reply, fut) in sent.items():
+                if not fut.done():
+                    self._forget(reply)
+                    todo.append(i)
+                    continue
+                exc = fut.exception()
+                if exc is None:
+                    acks[i] = fut.result()
+                elif isinstance(exc, PublishError) and exc.transient and round_ == 0:
+                    todo.append(i)
+                else:
+                    raise exc
+            if not todo:
+                return [a for a in acks if a is not None]
+            log.debug("%d of %d publishes unanswered; sending them again", len(todo), len(batch))
+        raise PublishError(
+            f"{len(todo)} of {len(batch)} messages not confirmed (first: {batch[todo[0]].subject})", transient=True
+        )
 
-    async def _sync(self, subject: str, data: bytes, msg_id: str | None) -> api.PubAck:
-        try:
-            return await self.js.publish(subject, data, timeout=self.ack_timeout, headers=_headers(msg_id))
-        except APIError as exc:
-            raise PublishError(f"server refused message on {subject}: {exc.description or exc}") from None
+    # -- best effort --------------------------------------------------------------------------------
+    async def fire(self, subject: str, data: bytes) -> bool:
+        """Publish without waiting (progress and log events). Returns False if it was dropped."""
+        if self.fire_inflight >= self.fire_limit or not self.nc.is_connected:
+            self.dropped += 1
+            return False
+        reply, fut = await self._send(Out(subject, data))
+        self.fire_inflight += 1
+        handle = asyncio.get_running_loop().call_later(self.ack_timeout, self._forget, reply)
 
-    async def fire(self, subject: str, data: bytes) -> None:
-        """Publish best-effort (progress and log events): no wait for the server's ack."""
-        fut = await self.js.publish_async(subject, data)
-        fut.add_done_callback(_swallow)
+        def done(f: asyncio.Future[api.PubAck]) -> None:
+            self.fire_inflight -= 1
+            handle.cancel()
+            if not f.cancelled() and f.exception() is not None:
+                self.dropped += 1
 
-
-def _swallow(fut: asyncio.Future[api.PubAck]) -> None:
-    if not fut.cancelled():
-        fut.exception()
+        fut.add_done_callback(done)
+        return True

@@ -9,17 +9,24 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 
+class ReplayStalled(TimeoutError):
+    """A replay stopped receiving messages before it reached the end of the stream."""
+
+
 async def replay(
     js: JetStreamContext,
     stream: str,
     subject: str,
     *,
     last_per_subject: bool = False,
-    idle_timeout: float = 2.0,
+    headers_only: bool = False,
+    idle_timeout: float = 30.0,
 ) -> AsyncIterator[Msg]:
     """Yield the stored messages matching ``subject`` (oldest first), then stop.
 
-    Uses an ordered consumer; stops once the consumer reports nothing pending.
+    Uses one ordered consumer and stops when the server says nothing is pending, never on a
+    quiet gap: a gap longer than ``idle_timeout`` (a leader election, a stalled server) raises
+    :class:`ReplayStalled` rather than returning a partial history.
     """
     try:
         info = await js.stream_info(stream, subjects_filter=subject)
@@ -28,7 +35,9 @@ async def replay(
     if not info.state.messages:
         return
     policy = api.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else api.DeliverPolicy.ALL
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=policy)
+    sub = await js.subscribe(
+        subject, stream=stream, ordered_consumer=True, deliver_policy=policy, headers_only=headers_only or None
+    )
     try:
         ci = await sub.consumer_info()
         if not (ci.num_pending or 0) + (ci.delivered.consumer_seq if ci.delivered else 0):
@@ -37,7 +46,7 @@ async def replay(
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
             except TimeoutError:
-                return
+                raise ReplayStalled(f"replay of {subject} in {stream} stalled for {idle_timeout:.0f}s") from None
             yield msg
             if msg.metadata.num_pending == 0:
                 return

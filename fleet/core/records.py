@@ -9,14 +9,32 @@ so that newer clients can add optional fields; a wrong type or a missing require
 from __future__ import annotations
 
 import re
+import math
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from broker import codec, names
+from fleet.core.failures import FailureClass
 from fleet.core.states import TERMINAL, TaskState
 
 PROTOCOL_VERSION = 1
+
+MAX_DELAY_S = 7 * 24 * 3600.0
+"""Longest retry delay a handler or a policy may ask for; longer requests are cut to this."""
+MAX_TIMEOUT_S = 366 * 24 * 3600.0
+"""Longest task timeout."""
+LATEST_TIME = 7_258_118_400.0
+"""2200-01-01: no timestamp from outside may be later (or infinite, or NaN)."""
 _HANDLER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -31,8 +49,21 @@ def _token(v: str) -> str:
 Token = Annotated[str, AfterValidator(_token)]
 
 
+def _clamp_delay(v: object) -> object:
+    """A delay from a handler is advice: out-of-range values are cut, never fatal."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return 0.0 if math.isnan(v) or v < 0 else min(float(v), MAX_DELAY_S)
+    return v
+
+
+Delay = Annotated[float, BeforeValidator(_clamp_delay)]
+Time = Annotated[float, Field(ge=0, le=LATEST_TIME)]
+
+
 class Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=False, populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", strict=False, populate_by_name=True, allow_inf_nan=False
+    )
 
     v: int = PROTOCOL_VERSION
 
@@ -88,20 +119,27 @@ class Payload(BaseModel):
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
     cpus: float = Field(default=1.0, ge=0)
     gpus: int = Field(default=0, ge=0)
     memory_mb: int = Field(default=0, ge=0)
 
 
 class RetryPolicy(BaseModel):
-    """How many attempts a task gets and how long to wait between them (see fleet.core.retry)."""
+    """Retry budgets, one per failure class (see fleet.core.failures), and the backoff between
+    attempts (see fleet.core.retry)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
     max_attempts: int = Field(default=3, ge=1, le=1000)
-    backoff_s: float = Field(default=1.0, ge=0)
-    backoff_max_s: float = Field(default=300.0, ge=0)
-    multiplier: float = Field(default=2.0, ge=1.0)
+    """Attempts for application errors, timeouts and kills (the handler's own failures)."""
+    max_lost_leases: int = Field(default=3, ge=1, le=1000)
+    """Leases lost (worker died, hung or cut off) before the task is declared poison (dead)."""
+    max_infra: int = Field(default=10, ge=1, le=1000)
+    """Infrastructure failures (network, storage) tolerated before the task fails."""
+    max_preemptions: int = Field(default=100, ge=1, le=100_000)
+    backoff_s: float = Field(default=1.0, ge=0, le=MAX_DELAY_S)
+    backoff_max_s: float = Field(default=300.0, ge=0, le=MAX_DELAY_S)
+    multiplier: float = Field(default=2.0, ge=1.0, le=100.0)
     jitter: float = Field(default=0.1, ge=0, le=1)
 
 
@@ -118,11 +156,12 @@ class TaskEnvelope(Record):
     priority: int = Field(default=5, ge=0, le=9)
     resources: Resources = Resources()
     retry: RetryPolicy = RetryPolicy()
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
     idempotency_key: str | None = Field(default=None, max_length=256)
-    created_at: float
+    created_at: Time
     attempt: int = Field(default=1, ge=1)
-    not_before: float | None = None
+    not_before: Time | None = None
+    """Do not start before this time (seconds since the epoch)."""
     labels: dict[str, str] = {}
 
     @model_validator(mode="after")
@@ -144,79 +183,132 @@ class JobSpec(Record):
     tenant: Token = "default"
     queue: Token = "default"
     total: int | None = Field(default=None, ge=0)
-    created_at: float
+    created_at: Time
     labels: dict[str, str] = {}
 
 
 class CancelRequest(Record):
+    """Cancel a whole job, or one task of it. Stored until the job is archived, so it sticks."""
+
     job_id: Token
     task_id: Token | None = None
-    reason: str = "cancelled by user"
-    at: float
+    reason: str = Field(default="cancelled by user", max_length=1000)
+    at: Time
+
+
+class RetryRequest(Record):
+    """Run a job's failed tasks again (``fleet retry``), optionally only some failure classes."""
+
+    job_id: Token
+    request_id: Token
+    failures: list[FailureClass] | None = None
+    """Only tasks whose last failure is of one of these classes (all classes when absent)."""
+    include_dead: bool = False
+    task_ids: list[Token] | None = None
+    """Only these tasks (``fleet dlq replay``)."""
+    at: Time
 
 
 class StartedTask(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     task_id: Token
     job_id: Token
-    attempt: int
-    delivery: int
+    attempt: int = Field(ge=1)
+    delivery: int = Field(ge=1)
+    token: int = Field(ge=0)
+    """The fencing token of this delivery (fleet.core.fencing): grows with every dispatch and delivery."""
 
 
 class StartReport(Record):
     """A worker began running a batch of deliveries (one message per fetched batch)."""
 
     worker_id: Token
-    at: float
+    at: Time
     tasks: list[StartedTask]
 
 
 class ErrorInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    type: str
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+    type: str = Field(max_length=500)
     message: str
     traceback: str | None = None
     retryable: bool = True
-    retry_after_s: float | None = Field(default=None, ge=0)
-    """The handler asked for this delay before the next attempt (``fleet.worker.errors.Retry``)."""
+    failure: FailureClass = FailureClass.ERROR
+    """What kind of failure this was; each kind has its own retry budget."""
+    retry_after_s: Delay | None = None
+    """The handler asked for this delay before the next attempt (``fleet.worker.errors.Retry``);
+    negative, NaN and out-of-range values are cut to 0 .. MAX_DELAY_S."""
 
 
 Outcome = Literal["succeeded", "failed", "cancelled"]
 
 
 class DoneReport(Record):
-    """The outcome of one attempt. Its subject is ``fleet.report.done.<job>.<task>``."""
+    """The outcome of one delivery. Its subject is ``fleet.report.done.<job>.<task>``; the one the
+    scheduler accepts is copied to ``fleet.result.<job>.<task>``."""
 
     task_id: Token
     job_id: Token
     attempt: int = Field(ge=1)
     delivery: int = Field(ge=1)
+    token: int = Field(ge=0)
     worker_id: Token
     outcome: Outcome
     result: Payload | None = None
     items: int | None = None
     """For a bundle: how many items the task had (the result is then a list, one value per item)."""
     error: ErrorInfo | None = None
-    started_at: float
-    finished_at: float
-    envelope: TaskEnvelope | None = None
-    """Sent back on failure so the scheduler can schedule the next attempt without a store."""
+    started_at: Time
+    finished_at: Time
 
 
 class TaskEvent(Record):
-    """A state change, progress update or log line of one task (``fleet.event.<job>.<task>.<kind>``)."""
+    """A progress update or log line of one task (``fleet.event.<job>.<task>.<kind>``)."""
 
-    kind: Literal["state", "progress", "log"]
+    kind: Literal["progress", "log"]
     job_id: Token
     task_id: Token
-    at: float
-    state: TaskState | None = None
+    at: Time
     attempt: int | None = None
-    worker_id: str | None = None
-    reason: str | None = None
+    token: int | None = None
     progress: float | None = None
     message: str | None = None
     level: str | None = None
+
+
+class TaskRecord(Record):
+    """A task's state of record, the one message on ``fleet.state.<job>.<task>`` (written only by
+    the scheduler, kept until the job is archived). Its history is sourced into FLEET_EVENTS."""
+
+    job_id: Token
+    task_id: Token
+    state: TaskState
+    rev: int = Field(ge=1)
+    """Grows with every write of this record."""
+    at: Time
+    queue: Token = "default"
+    attempt: int = Field(default=1, ge=1)
+    dispatch: int = Field(default=0, ge=0)
+    """How many times the task was put on the work queue."""
+    seq: int | None = None
+    """Stream sequence of the current dispatch in FLEET_TASKS (the base of its fencing tokens)."""
+    token: int | None = None
+    """The current holder's fencing token (while running), or the accepted outcome's."""
+    worker_id: str | None = None
+    reason: str | None = None
+    failure: FailureClass | None = None
+    """Class of the last failure."""
+    lost: int = 0
+    infra: int = 0
+    preempted: int = 0
+    not_before: Time | None = None
+    """While retrying: when the next attempt may be dispatched."""
+    intake_seq: int | None = None
+    """Stream sequence of the envelope in FLEET_INTAKE."""
+    result_seq: int | None = None
+    """Stream sequence of the accepted outcome in FLEET_RESULTS."""
+    blobs: list[str] = []
+    """Object-store names this task's payloads use (deleted with the job)."""
 
 
 class JobRecord(Record):
@@ -229,11 +321,15 @@ class JobRecord(Record):
     total: int | None = None
     submitted: int = 0
     counts: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    """Tasks by the class of their last failure (those failed, dead, or waiting to retry)."""
     retries: int = 0
     requeues: int = 0
-    created_at: float
-    updated_at: float
-    finished_at: float | None = None
+    stale_reports: int = 0
+    """Reports refused because their sender no longer held the task (fenced)."""
+    created_at: Time
+    updated_at: Time
+    finished_at: Time | None = None
     cancelled: bool = False
 
     @property
@@ -248,8 +344,16 @@ class JobRecord(Record):
 _TERMINAL_NAMES = frozenset(str(s) for s in TERMINAL)
 
 
+class HeldTask(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    job_id: Token
+    task_id: Token
+    token: int = Field(ge=0)
+
+
 class Heartbeat(Record):
-    """Worker liveness and load, on core NATS every heartbeat interval."""
+    """Worker liveness and load: a core-NATS request every heartbeat interval, from a thread of its
+    own (a busy handler cannot starve it). The scheduler answers with a :class:`HeartbeatReply`."""
 
     worker_id: Token
     queue: Token
@@ -257,19 +361,40 @@ class Heartbeat(Record):
     pid: int
     slots: int
     busy: int
-    tasks: list[str] = []
-    at: float
-    interval_s: float
+    held: list[HeldTask] = []
+    at: Time
+    interval_s: float = Field(gt=0, le=3600)
     stopping: bool = False
 
 
+class Fence(BaseModel):
+    """Stop running this delivery: it is no longer the task's holder (or the task is over)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    job_id: Token
+    task_id: Token
+    token: int
+    reason: str
+    ack: bool = False
+    """Acknowledge the message (the task is finished or the dispatch is stale). False when a newer
+    delivery of the *same* message holds it: an ack would end that holder's lease."""
+
+
+class HeartbeatReply(Record):
+    fence: list[Fence] = []
+    known: bool = True
+    """False when the scheduler had declared this worker lost (its tasks went to others)."""
+
+
 class DeadLetter(Record):
-    """Input the scheduler could not admit, kept with its raw bytes for inspection."""
+    """Input the scheduler could not admit, or a task that ended dead, kept for inspection."""
 
     origin: str
     subject: str
     reason: str
-    at: float
+    at: Time
     job_id: str | None = None
     task_id: str | None = None
+    failure: FailureClass | None = None
+    attempt: int | None = None
     raw: bytes = b""

@@ -13,7 +13,9 @@
                  +------- RETRYING (attempt failed, waits out its backoff)
 
 A submission the scheduler cannot admit (bad fields, unknown encoding) goes straight to DEAD with a
-dead-letter record. Terminal states never change again.
+dead-letter record. Terminal states never change again, with one exception: an operator's explicit
+retry request (``fleet retry``, ``fleet dlq replay``) may reopen FAILED and DEAD tasks
+(:data:`REOPEN`); no input from a worker or a client's submission can.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import enum
 
 class TaskState(enum.StrEnum):
     QUEUED = "queued"
-    """Admitted; waiting in the work queue for a worker."""
+    """Admitted; waiting for a worker (in the scheduler, or dispatched to the work queue)."""
     RUNNING = "running"
     """Held by a worker under a lease that its heartbeats keep alive."""
     RETRYING = "retrying"
@@ -63,11 +65,20 @@ TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
 }
 
 
+REOPEN: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.FAILED: frozenset({TaskState.QUEUED}),
+    TaskState.DEAD: frozenset({TaskState.QUEUED}),
+}
+"""Moves out of a terminal state, allowed only for an operator's retry request."""
+
+
 class IllegalTransition(ValueError):
     """A move the state machine does not allow."""
 
 
-def can_move(src: TaskState | None, dst: TaskState) -> bool:
+def can_move(src: TaskState | None, dst: TaskState, *, reopen: bool = False) -> bool:
+    if reopen and src is not None and dst in REOPEN.get(src, frozenset()):
+        return True
     return dst in TRANSITIONS[src]
 
 
