@@ -3,7 +3,9 @@
 :func:`make_payload` turns a user value into the payload map described in :mod:`broker.codec`,
 storing it in the ``fleet_blobs`` object store when it is too large to travel inline.
 :func:`load_payload` reverses it. Objects are content-addressed, so the same large input
-submitted twice is stored once.
+submitted twice within a job is stored once. Names are scoped to the job
+(``<job>/sha256:<hex>``), so an input lives exactly as long as its job and is deleted when the job
+is archived (no age limit, and no other job's lifetime to inherit).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class BlobMissing(LookupError):
 
 
 async def make_payload(
-    js: JetStreamContext | None, value: Any, *, inline_limit: int = DEFAULT_INLINE_LIMIT
+    js: JetStreamContext | None, value: Any, *, job: str, inline_limit: int = DEFAULT_INLINE_LIMIT
 ) -> dict[str, Any]:
     data, enc, size = codec.encode_value(value)
     if len(data) <= inline_limit:
@@ -33,15 +35,16 @@ async def make_payload(
     if js is None:
         raise ValueError(f"payload of {len(data)} bytes exceeds the inline limit of {inline_limit} bytes")
     ref = codec.content_ref(data)
+    name = names.blob_name(job, ref)
     store = await js.object_store(names.BLOBS_BUCKET)
     try:
-        await store.get_info(ref)
+        await store.get_info(name)
     except (ObjectNotFoundError, NotFoundError):
-        await store.put(ref, data)
+        await store.put(name, data)
     return {"enc": enc, "size": size, "ref": ref}
 
 
-async def load_payload(js: JetStreamContext | None, payload: dict[str, Any]) -> Any:
+async def load_payload(js: JetStreamContext | None, payload: dict[str, Any], *, job: str) -> Any:
     enc = payload.get("enc", codec.ENC_MSGPACK)
     if payload.get("data") is not None:
         return codec.decode_value(payload["data"], enc)
@@ -52,7 +55,7 @@ async def load_payload(js: JetStreamContext | None, payload: dict[str, Any]) -> 
         raise BlobMissing(f"payload {ref} is offloaded and no JetStream context was given")
     store = await js.object_store(names.BLOBS_BUCKET)
     try:
-        result = await store.get(ref)
+        result = await store.get(names.blob_name(job, ref))
     except (ObjectNotFoundError, NotFoundError):
         raise BlobMissing(
             f"offloaded payload {ref} is not in the {names.BLOBS_BUCKET} object store"

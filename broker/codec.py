@@ -26,9 +26,16 @@ ENC_ZSTD: Encoding = "msgpack+zstd"
 COMPRESS_OVER = 4096
 """Payloads whose msgpack form is larger than this many bytes are zstd-compressed."""
 
-MAX_DECODED = 256 << 20
-"""Refuse to inflate a payload past 256 MiB (a corrupt or hostile frame: zstd can expand a few
-kilobytes into gigabytes). Frames that do not declare their size are bounded the same way."""
+MAX_DECODED = 1 << 30
+"""Never inflate a payload past 1 GiB."""
+MAX_RATIO = 200
+"""...nor past 200 times its compressed size (at least 16 MiB): zstd can turn a few kilobytes into
+gigabytes, and a hostile or corrupt frame must not take a worker's memory with it."""
+MIN_LIMIT = 16 << 20
+
+
+def inflate_limit(compressed: int) -> int:
+    return min(MAX_DECODED, max(MIN_LIMIT, MAX_RATIO * compressed))
 
 _ZSTD_LEVEL = 3
 
@@ -67,13 +74,13 @@ def encode_value(value: Any, *, compress_over: int = COMPRESS_OVER) -> tuple[byt
 def decode_value(data: bytes, enc: str) -> Any:
     """Inverse of :func:`encode_value`."""
     if enc == ENC_ZSTD:
-        declared = _frame_size(data)
-        if declared > MAX_DECODED:
+        declared, limit = _frame_size(data), inflate_limit(len(data))
+        if declared > limit:
             raise DecodeError(
-                f"payload declares {declared} bytes uncompressed, over the {MAX_DECODED}-byte limit"
+                f"payload declares {declared} bytes uncompressed from {len(data)}: over the {limit}-byte limit"
             )
         try:
-            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECODED)
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
         except zstandard.ZstdError as exc:
             raise DecodeError(f"payload is not a valid zstd frame: {exc}") from None
     elif enc != ENC_MSGPACK:

@@ -24,6 +24,7 @@ async def connect(
     *,
     name: str = "fleet",
     on_closed: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
     connect_timeout: float = 2.0,
     initial_timeout: float = 10.0,
 ) -> NATS:
@@ -36,6 +37,11 @@ async def connect(
     async def closed_cb() -> None:
         if on_closed is not None:
             await on_closed()
+
+    async def reconnected_cb() -> None:
+        log.info("%s reconnected to NATS", name)
+        if on_reconnected is not None:
+            await on_reconnected()
 
     connected = False
     servers = [u.strip() for u in url.split(",") if u.strip()]
@@ -50,6 +56,7 @@ async def connect(
         allow_reconnect=True,
         error_cb=error_cb,
         closed_cb=closed_cb,
+        reconnected_cb=reconnected_cb,
         pending_size=64 * 1024 * 1024,
     )
     try:  # reconnects are unlimited, so bound the *first* connection ourselves

@@ -86,9 +86,10 @@ def is_token(value: object) -> bool:
 
 
 # ---- intake (the task store) ----------------------------------------------------------------------
-INTAKE_SUBJECTS = f"{PREFIX}.intake.>"
 INTAKE_TASKS = f"{PREFIX}.intake.task.>"
 CONTROL_FILTERS = (f"{PREFIX}.intake.job.>", f"{PREFIX}.intake.cancel.>", f"{PREFIX}.intake.retry.>")
+INTAKE_SUBJECTS = (INTAKE_TASKS, *CONTROL_FILTERS)
+"""Only these kinds are stored: a publish to any other ``fleet.intake.*`` subject is refused at once."""
 
 
 def intake_job(job: str) -> str:
@@ -110,7 +111,13 @@ def intake_retry(job: str, request: str) -> str:
 def job_intake_filters(job: str) -> tuple[str, ...]:
     """Everything a job left in the intake stream (purged when the job is archived)."""
     p = f"{PREFIX}.intake"
-    return (f"{p}.job.{job}", f"{p}.task.{job}.*", f"{p}.cancel.{job}", f"{p}.cancel.{job}.*", f"{p}.retry.{job}.*")
+    return (
+        f"{p}.job.{job}",
+        f"{p}.task.{job}.*",
+        f"{p}.cancel.{job}",
+        f"{p}.cancel.{job}.*",
+        f"{p}.retry.{job}.*",
+    )
 
 
 # ---- work ---------------------------------------------------------------------------------------
@@ -167,7 +174,10 @@ def job_results_filter(job: str) -> str:
 
 # ---- events (history) -----------------------------------------------------------------------------
 EVENTS_SUBJECTS = f"{PREFIX}.event.>"
-STATE_TO_EVENT = (f"{PREFIX}.state.*.*", f"{PREFIX}.event.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{EVENT_STATE}")
+STATE_TO_EVENT = (
+    f"{PREFIX}.state.*.*",
+    f"{PREFIX}.event.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{EVENT_STATE}",
+)
 """Subject transform that copies every state of record into the history (stream sourcing)."""
 
 

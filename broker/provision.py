@@ -76,7 +76,7 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
         # the task store: one message per subject, a resubmission is refused (never replaces)
         _stream(
             names.INTAKE_STREAM,
-            [names.INTAKE_SUBJECTS],
+            list(names.INTAKE_SUBJECTS),
             limits,
             cfg,
             discard=new,
@@ -86,7 +86,9 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
         _stream(names.TASKS_STREAM, [names.TASKS_SUBJECTS], wq, cfg, discard=old),
         _stream(names.REPORTS_STREAM, [names.REPORTS_SUBJECTS], wq, cfg, discard=old),
         _stream(names.STATE_STREAM, [names.STATE_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1),
-        _stream(names.RESULTS_STREAM, [names.RESULTS_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1),
+        _stream(
+            names.RESULTS_STREAM, [names.RESULTS_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1
+        ),
         _stream(
             names.EVENTS_STREAM,
             [names.EVENTS_SUBJECTS],
@@ -122,7 +124,9 @@ async def ensure_stream(js: JetStreamContext, want: api.StreamConfig, *, authori
         await js.add_stream(want)
         return
     have = info.config
-    if have.retention != want.retention or (have.max_msgs_per_subject or -1) != (want.max_msgs_per_subject or -1):
+    if have.retention != want.retention or (have.max_msgs_per_subject or -1) != (
+        want.max_msgs_per_subject or -1
+    ):
         raise ProvisionError(
             f"stream {want.name} exists with retention {have.retention} and "
             f"{have.max_msgs_per_subject} messages per subject; this fleet needs {want.retention} and "
@@ -170,14 +174,19 @@ async def ensure_bus(
             names.INTAKE_STREAM,
             _scheduler_consumer(names.CONTROL_CONSUMER, filter_subjects=list(names.CONTROL_FILTERS)),
         ),
-        (names.REPORTS_STREAM, _scheduler_consumer(names.REPORTS_CONSUMER, filter_subject=names.REPORTS_SUBJECTS)),
+        (
+            names.REPORTS_STREAM,
+            _scheduler_consumer(names.REPORTS_CONSUMER, filter_subject=names.REPORTS_SUBJECTS),
+        ),
     ]
     for stream, want in consumers:
         await ensure_consumer(js, stream, want)
     try:
         await js.key_value(names.JOBS_BUCKET)
     except BucketNotFoundError:
-        await js.create_key_value(api.KeyValueConfig(bucket=names.JOBS_BUCKET, history=1, replicas=cfg.replicas))
+        await js.create_key_value(
+            api.KeyValueConfig(bucket=names.JOBS_BUCKET, history=1, replicas=cfg.replicas)
+        )
     try:
         await js.object_store(names.BLOBS_BUCKET)
     except (BucketNotFoundError, NotFoundError):

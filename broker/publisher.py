@@ -86,7 +86,9 @@ class Publisher:
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(PublishError("no JetStream stream answered (election?)", transient=True, code=503))
+            fut.set_exception(
+                PublishError("no JetStream stream answered (election?)", transient=True, code=503)
+            )
             return
         try:
             resp = json.loads(msg.data)
@@ -102,7 +104,9 @@ class Publisher:
             fut.set_result(api.PubAck(stream=resp.get("stream", ""), seq=0, duplicate=True))
         else:
             code = int(err.get("err_code") or err.get("code") or 0)
-            fut.set_exception(PublishError(f"server refused: {err.get('description', err)}", transient=False, code=code))
+            fut.set_exception(
+                PublishError(f"server refused: {err.get('description', err)}", transient=False, code=code)
+            )
 
     async def _send(self, item: Out) -> tuple[str, asyncio.Future[api.PubAck]]:
         reply = await self._inbox()
@@ -133,10 +137,26 @@ class Publisher:
 
     async def publish_many(self, items: Iterable[Outgoing]) -> list[api.PubAck]:
         """Publish a window; return when every message is stored, else raise :class:`PublishError`."""
+        results = await self.publish_each(items)
+        errors = [r for r in results if isinstance(r, PublishError)]
+        if errors:
+            raise (
+                errors[0]
+                if len(errors) == 1
+                else PublishError(
+                    f"{len(errors)} of {len(results)} messages not stored; first: {errors[0]}",
+                    transient=all(e.transient for e in errors),
+                    code=errors[0].code,
+                )
+            )
+        return [r for r in results if not isinstance(r, PublishError)]
+
+    async def publish_each(self, items: Iterable[Outgoing]) -> list[api.PubAck | PublishError]:
+        """Publish a window; one outcome per message, in order (a PubAck or why it was not stored)."""
         batch = [_out(i) for i in items]
-        acks: list[api.PubAck | None] = [None] * len(batch)
+        results: list[api.PubAck | PublishError | None] = [None] * len(batch)
         todo = list(range(len(batch)))
-        for round_ in range(2):
+        for _ in range(2):
             sent = {i: await self._send(batch[i]) for i in todo}
             if sent:
                 await asyncio.wait([f for _, f in sent.values()], timeout=self.ack_timeout)
@@ -144,21 +164,21 @@ class Publisher:
             for i, (reply, fut) in sent.items():
                 if not fut.done():
                     self._forget(reply)
+                    results[i] = PublishError(f"no answer for {batch[i].subject}", transient=True)
                     todo.append(i)
                     continue
                 exc = fut.exception()
                 if exc is None:
-                    acks[i] = fut.result()
-                elif isinstance(exc, PublishError) and exc.transient and round_ == 0:
+                    results[i] = fut.result()
+                    continue
+                err = exc if isinstance(exc, PublishError) else PublishError(str(exc), transient=True)
+                results[i] = err
+                if err.transient:
                     todo.append(i)
-                else:
-                    raise exc
             if not todo:
-                return [a for a in acks if a is not None]
-            log.debug("%d of %d publishes unanswered; sending them again", len(todo), len(batch))
-        raise PublishError(
-            f"{len(todo)} of {len(batch)} messages not confirmed (first: {batch[todo[0]].subject})", transient=True
-        )
+                break
+            log.debug("%d of %d publishes not confirmed; sending them again", len(todo), len(batch))
+        return [r if r is not None else PublishError("not sent", transient=True) for r in results]
 
     # -- best effort --------------------------------------------------------------------------------
     async def fire(self, subject: str, data: bytes) -> bool:

@@ -36,7 +36,11 @@ async def replay(
         return
     policy = api.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else api.DeliverPolicy.ALL
     sub = await js.subscribe(
-        subject, stream=stream, ordered_consumer=True, deliver_policy=policy, headers_only=headers_only or None
+        subject,
+        stream=stream,
+        ordered_consumer=True,
+        deliver_policy=policy,
+        headers_only=headers_only or None,
     )
     try:
         ci = await sub.consumer_info()
@@ -46,7 +50,9 @@ async def replay(
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
             except TimeoutError:
-                raise ReplayStalled(f"replay of {subject} in {stream} stalled for {idle_timeout:.0f}s") from None
+                raise ReplayStalled(
+                    f"replay of {subject} in {stream} stalled for {idle_timeout:.0f}s"
+                ) from None
             yield msg
             if msg.metadata.num_pending == 0:
                 return

@@ -33,7 +33,6 @@ from broker.publisher import Publisher
 from broker.server import EmbeddedServer
 from clients.cli import stack
 from clients.sdk.client import FleetClient, new_job_id, task_id_for
-from fleet.core.ledger import attempt_id
 
 WINDOW = 1000
 BARE_STREAM, BARE_RESULTS = "BENCH_TASKS", "BENCH_RESULTS"
@@ -142,7 +141,7 @@ async def _fleet_run(url: str, n: int, workers: int) -> dict[str, float]:
                 if len(done) >= n:
                     finished.set()
 
-        sub = await fleet.nc.subscribe(names.job_states_filter(job), cb=on_state)
+        sub = await fleet.nc.subscribe(names.job_state_filter(job), cb=on_state)
         await fleet.declare_job(job, name="bench", total=n)
         sent: dict[str, float] = {}
         for start in range(0, n, WINDOW):
@@ -150,7 +149,8 @@ async def _fleet_run(url: str, n: int, workers: int) -> dict[str, float]:
             now = time.perf_counter()
             sent.update((e.task_id, now) for e in part)
             await fleet.pub.publish_many(
-                (names.intake_task(job, e.task_id), e.to_wire(), attempt_id(job, e.task_id, 1)) for e in part
+                (names.intake_task(job, e.task_id), e.to_wire(), names.msgid_submit(job, e.task_id))
+                for e in part
             )
         await asyncio.wait_for(finished.wait(), 600)
         await sub.unsubscribe()
@@ -213,7 +213,7 @@ async def _bare_run(url: str, n: int, workers: int) -> dict[str, float]:
     await _bare_setup(js)  # the bare workers bind once the streams exist, then say so
     await asyncio.wait_for(ready.wait(), 60)
     await ready_sub.unsubscribe()
-    pub = Publisher(js)
+    pub = Publisher(nc)
     body = b"\x81\xa1x\xc0"  # a tiny msgpack map, like an empty task
     sent: dict[str, float] = {}
     for start in range(0, n, WINDOW):
@@ -239,7 +239,7 @@ async def bare_worker(url: str, batch: int) -> None:
         except Exception:
             await asyncio.sleep(0.05)
     await nc.publish("bench.ready", b"")
-    pub = Publisher(js)
+    pub = Publisher(nc)
     while True:
         try:
             msgs = await psub.fetch(batch, timeout=2)

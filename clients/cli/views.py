@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from clients.sdk.client import FleetClient
-from fleet.core.records import JobRecord, TaskEvent
+from fleet.core.records import DeadLetter, JobRecord, TaskEvent, TaskRecord
 from fleet.core.states import TaskState
 
 STATE_ORDER = [str(s) for s in TaskState]
@@ -29,20 +29,25 @@ def job_json(r: JobRecord) -> dict[str, Any]:
         "done": r.done,
         "finished": r.finished,
         "cancelled": r.cancelled,
+        "failures": dict(r.failures),
         "retries": r.retries,
         "requeues": r.requeues,
+        "stale_reports": r.stale_reports,
         "created_at": r.created_at,
         "finished_at": r.finished_at,
     }
 
 
 def jobs_table(records: list[JobRecord]) -> Table:
-    table = Table("job", "name", "done/total", "states", "retries", "requeues", "status")
+    table = Table("job", "name", "done/total", "states", "failures", "retries", "requeues", "status")
     for r in records:
         status = "cancelled" if r.cancelled else "finished" if r.finished else "active"
         states = " ".join(f"{s}={r.counts[s]}" for s in STATE_ORDER if r.counts.get(s))
+        fails = " ".join(f"{k}={n}" for k, n in sorted(r.failures.items()) if n)
         total = str(r.total) if r.total is not None else "?"
-        table.add_row(r.job_id, r.name, f"{r.done}/{total}", states, str(r.retries), str(r.requeues), status)
+        table.add_row(
+            r.job_id, r.name, f"{r.done}/{total}", states, fails, str(r.retries), str(r.requeues), status
+        )
     return table
 
 
@@ -69,26 +74,15 @@ async def watch(fleet: FleetClient, job_id: str, console: Console) -> JobRecord 
     return None
 
 
-def _task_bar(bar: Progress, running: dict[str, tuple[TaskID, float]], ev: TaskEvent) -> None:
+def _task_bar(bar: Progress, running: dict[str, tuple[TaskID, float]], ev: TaskEvent | TaskRecord) -> None:
     key = ev.task_id
-    if ev.kind == "progress" and ev.progress is not None:
-        if key not in running and len(running) < 8:
-            running[key] = (bar.add_task(f"  {key}", total=1.0, extra=""), time.monotonic())
-        if key in running:
-            bar.update(running[key][0], completed=ev.progress, extra=ev.message or "")
-    elif (
-        ev.kind == "state"
-        and ev.state
-        in (
-            TaskState.SUCCEEDED,
-            TaskState.FAILED,
-            TaskState.CANCELLED,
-            TaskState.DEAD,
-            TaskState.RETRYING,
-            TaskState.QUEUED,
-        )
-        and key in running
-    ):
+    if isinstance(ev, TaskEvent):
+        if ev.kind == "progress" and ev.progress is not None:
+            if key not in running and len(running) < 8:
+                running[key] = (bar.add_task(f"  {key}", total=1.0, extra=""), time.monotonic())
+            if key in running:
+                bar.update(running[key][0], completed=ev.progress, extra=ev.message or "")
+    elif ev.state != TaskState.RUNNING and key in running:
         bar.remove_task(running.pop(key)[0])
 
 
@@ -104,8 +98,33 @@ async def write_results(fleet: FleetClient, job_id: str, out: IO[str]) -> int:
         }
         if report.error is not None:
             base["error"] = f"{report.error.type}: {report.error.message}"
+            base["failure"] = str(report.error.failure)
         rows = value if report.items is not None and isinstance(value, list) else [value]
         for i, v in enumerate(rows):
             out.write(json.dumps({**base, "index": i, "result": v}, default=repr) + "\n")
             n += 1
     return n
+
+
+def letter_json(d: DeadLetter, raw: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "origin": d.origin,
+        "job_id": d.job_id,
+        "task_id": d.task_id,
+        "failure": str(d.failure) if d.failure else None,
+        "attempt": d.attempt,
+        "reason": d.reason,
+        "subject": d.subject,
+        "at": d.at,
+    }
+    if raw:
+        out["raw"] = d.raw.decode(errors="replace") if d.raw else None
+    return out
+
+
+def letters_table(letters: list[DeadLetter]) -> Table:
+    table = Table("when", "job", "task", "class", "reason")
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at))
+        table.add_row(when, d.job_id or "-", d.task_id or "-", str(d.failure or d.origin), d.reason[:120])
+    return table

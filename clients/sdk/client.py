@@ -8,9 +8,10 @@
         async for task_id, value in fleet.results(job):
             ...
 
-Submissions go to the intake stream (the scheduler validates and admits them); results are read
-from the reports stream and job summaries from the ``fleet_jobs`` KV bucket, so a client needs no
-connection to the scheduler itself. :class:`SyncFleetClient` wraps the same calls for plain code.
+Submissions go to the intake stream, which keeps every task's envelope until its job is archived
+(the scheduler validates and admits them). Task states are read from the state of record
+(FLEET_STATE), accepted results from FLEET_RESULTS and job summaries from the ``fleet_jobs`` KV
+bucket, so a client needs no connection to the scheduler itself. :class:`SyncFleetClient` wraps the same calls for plain code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import msgpack
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -31,17 +33,20 @@ from broker import blobs, names, reader
 from broker.connection import connect, shutdown
 from broker.provision import ensure_bus
 from broker.publisher import Publisher
-from fleet.core.ledger import attempt_id
+from fleet.core.failures import FailureClass
 from fleet.core.records import (
     CancelRequest,
+    DeadLetter,
     DoneReport,
     JobRecord,
     JobSpec,
     Payload,
     Resources,
     RetryPolicy,
+    RetryRequest,
     TaskEnvelope,
     TaskEvent,
+    TaskRecord,
 )
 from fleet.core.states import TERMINAL, TaskState
 
@@ -75,7 +80,7 @@ class FleetClient:
     def __init__(self, nc: NATS, *, own_connection: bool = True) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
-        self.pub = Publisher(self.js)
+        self.pub = Publisher(nc)
         self._own = own_connection
 
     @classmethod
@@ -123,7 +128,7 @@ class FleetClient:
         inputs: dict[str, Any] = {"args": list(args), "kwargs": dict(kwargs or {})}
         if items is not None:
             inputs["items"] = list(items)
-        payload = Payload.model_validate(await blobs.make_payload(self.js, inputs))
+        payload = Payload.model_validate(await blobs.make_payload(self.js, inputs, job=job_id))
         return TaskEnvelope(
             task_id=task_id,
             job_id=job_id,
@@ -154,15 +159,18 @@ class FleetClient:
         spec = JobSpec(
             job_id=job_id, name=name, total=total, tenant=tenant, queue=queue, created_at=time.time()
         )
-        await self.pub.publish(names.intake_job(job_id), spec.to_wire(), msg_id=f"job:{job_id}")
+        await self.pub.publish(names.intake_job(job_id), spec.to_wire(), msg_id=names.msgid_job(job_id))
 
     async def submit_many(self, envelopes: Iterable[TaskEnvelope], *, window: int = SUBMIT_WINDOW) -> int:
         """Publish envelopes in bounded windows; returns how many were submitted."""
         batch: list[tuple[str, bytes, str | None]] = []
         n = 0
         for env in envelopes:
-            msg_id = f"idem:{env.tenant}:{env.idempotency_key}" if env.idempotency_key else None
-            msg_id = msg_id or attempt_id(env.job_id, env.task_id, env.attempt)
+            msg_id = (
+                names.msgid_idempotent(env.tenant, env.idempotency_key)
+                if env.idempotency_key
+                else names.msgid_submit(env.job_id, env.task_id)
+            )
             batch.append((names.intake_task(env.job_id, env.task_id), env.to_wire(), msg_id))
             if len(batch) >= window:
                 await self.pub.publish_many(batch)
@@ -217,9 +225,7 @@ class FleetClient:
         values = list(items)
         chunks = [values[i : i + bundle] for i in range(0, len(values), bundle)]
         queue, tenant = options.get("queue", "default"), options.get("tenant", "default")
-        await self.declare_job(
-            job_id, name=name or handler or "", total=len(chunks), tenant=tenant, queue=queue
-        )
+        _check_encodable(values, args, kwargs)
 
         async def build(i: int, chunk: list[Any]) -> TaskEnvelope:
             return await self.envelope(
@@ -233,7 +239,12 @@ class FleetClient:
                 **options,
             )
 
-        for start in range(0, len(chunks), SUBMIT_WINDOW):
+        first = [await build(j, c) for j, c in enumerate(chunks[:SUBMIT_WINDOW])]  # validates every option
+        await self.declare_job(
+            job_id, name=name or handler or "", total=len(chunks), tenant=tenant, queue=queue
+        )
+        await self.submit_many(first)
+        for start in range(SUBMIT_WINDOW, len(chunks), SUBMIT_WINDOW):
             part = chunks[start : start + SUBMIT_WINDOW]
             envs = [await build(start + j, c) for j, c in enumerate(part)]
             await self.submit_many(envs)
@@ -243,7 +254,31 @@ class FleetClient:
         self, job_id: str, task_id: str | None = None, reason: str = "cancelled by user"
     ) -> None:
         req = CancelRequest(job_id=job_id, task_id=task_id, reason=reason, at=time.time())
-        await self.pub.publish(names.intake_cancel(job_id), req.to_wire())
+        await self.pub.publish(
+            names.intake_cancel(job_id, task_id), req.to_wire(), names.msgid_cancel(job_id, task_id)
+        )
+
+    async def retry(
+        self,
+        job_id: str,
+        *,
+        failures: Sequence[FailureClass | str] | None = None,
+        include_dead: bool = False,
+        task_ids: Sequence[str] | None = None,
+    ) -> str:
+        """Run a job's failed tasks again (only those of ``failures`` classes, if given); returns the
+        request id. Dead tasks are included only with ``include_dead``."""
+        request_id = "r-" + uuid.uuid4().hex[:12]
+        req = RetryRequest(
+            job_id=job_id,
+            request_id=request_id,
+            failures=[FailureClass(f) for f in failures] if failures else None,
+            include_dead=include_dead,
+            task_ids=list(task_ids) if task_ids else None,
+            at=time.time(),
+        )
+        await self.pub.publish(names.intake_retry(job_id, request_id), req.to_wire())
+        return request_id
 
     # -- following ---------------------------------------------------------------------------------
     async def job(self, job_id: str) -> JobRecord | None:
@@ -291,19 +326,24 @@ class FleetClient:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
-    async def state(self, job_id: str, task_id: str) -> TaskEvent | None:
-        """The latest state event of one task."""
+    async def state(self, job_id: str, task_id: str) -> TaskRecord | None:
+        """One task's state of record."""
         try:
-            msg = await self.js.get_last_msg(
-                names.EVENTS_STREAM, names.event_subject(job_id, task_id, names.EVENT_STATE)
-            )
+            msg = await self.js.get_last_msg(names.STATE_STREAM, names.state_subject(job_id, task_id))
         except NotFoundError:
             return None
-        return TaskEvent.from_wire(msg.data or b"")
+        return TaskRecord.from_wire(msg.data or b"")
+
+    async def tasks(self, job_id: str) -> AsyncIterator[TaskRecord]:
+        """Every task's state of record, one pass over the stream."""
+        subject = names.job_state_filter(names.check_token(job_id, "job id"))
+        async for msg in reader.replay(self.js, names.STATE_STREAM, subject, last_per_subject=True):
+            yield TaskRecord.from_wire(msg.data)
 
     async def report(self, job_id: str, task_id: str) -> DoneReport | None:
+        """The accepted outcome of a task (never a fenced worker's)."""
         try:
-            msg = await self.js.get_last_msg(names.REPORTS_STREAM, names.report_done(job_id, task_id))
+            msg = await self.js.get_last_msg(names.RESULTS_STREAM, names.result_subject(job_id, task_id))
         except NotFoundError:
             return None
         return DoneReport.from_wire(msg.data or b"")
@@ -311,35 +351,50 @@ class FleetClient:
     async def value(self, report: DoneReport) -> Any:
         if report.result is None:
             return None
-        return await blobs.load_payload(self.js, report.result.model_dump(exclude_none=True))
+        return await blobs.load_payload(
+            self.js, report.result.model_dump(exclude_none=True), job=report.job_id
+        )
 
     async def result(self, job_id: str, task_id: str, timeout: float | None = None) -> Any:
         """Wait for one task to finish; return its value or raise :class:`TaskFailed`."""
-        sub = await self.nc.subscribe(names.event_subject(job_id, task_id, names.EVENT_STATE))
+        sub = await self.nc.subscribe(names.state_subject(job_id, task_id))
         try:
             async with asyncio.timeout(timeout):
-                event = await self.state(job_id, task_id)
-                while event is None or event.state not in TERMINAL:
-                    event = TaskEvent.from_wire((await sub.next_msg(timeout=None)).data)
+                record = await self.state(job_id, task_id)
+                while record is None or record.state not in TERMINAL:
+                    record = TaskRecord.from_wire((await sub.next_msg(timeout=None)).data)
         finally:
             await sub.unsubscribe()
-        if event.state != TaskState.SUCCEEDED:
-            raise TaskFailed(job_id, task_id, str(event.state), event.reason)
+        if record.state != TaskState.SUCCEEDED:
+            raise TaskFailed(job_id, task_id, str(record.state), record.reason)
         report = await self.report(job_id, task_id)
         if report is None:
-            raise TaskFailed(job_id, task_id, "succeeded", "result record missing (expired from history?)")
+            raise TaskFailed(job_id, task_id, "succeeded", "result record missing (job archived?)")
         return await self.value(report)
 
     async def results(self, job_id: str) -> AsyncIterator[tuple[DoneReport, Any]]:
-        """Every task's last reported outcome with its decoded value, in stream order."""
+        """Every finished task's accepted outcome with its decoded value, in stream order."""
         subject = names.job_results_filter(names.check_token(job_id, "job id"))
-        async for msg in reader.replay(self.js, names.REPORTS_STREAM, subject, last_per_subject=True):
+        async for msg in reader.replay(self.js, names.RESULTS_STREAM, subject):
             report = DoneReport.from_wire(msg.data)
-            yield report, await self.value(report)
+            yield report, await self.value(report) if report.outcome == "succeeded" else None
+
+    async def dead_letters(self, job_id: str | None = None) -> AsyncIterator[DeadLetter]:
+        """Dead letters, oldest first: of one job's tasks, or all (including undecodable input)."""
+        subject = names.job_dlq_filter(names.check_token(job_id, "job id")) if job_id else names.DLQ_SUBJECTS
+        async for msg in reader.replay(self.js, names.DLQ_STREAM, subject):
+            yield DeadLetter.from_wire(msg.data)
+
+    async def dead_letter(self, job_id: str, task_id: str) -> DeadLetter | None:
+        try:
+            msg = await self.js.get_last_msg(names.DLQ_STREAM, names.dlq_task_subject(job_id, task_id))
+        except NotFoundError:
+            return None
+        return DeadLetter.from_wire(msg.data or b"")
 
     async def events(
         self, job_id: str, task_id: str | None = None, *, history: bool = True
-    ) -> AsyncIterator[TaskEvent | JobRecord]:
+    ) -> AsyncIterator[TaskEvent | TaskRecord | JobRecord]:
         """Stream a job's (or one task's) events: state changes, progress, log lines, job summaries."""
         from nats.js import api
 
@@ -353,8 +408,18 @@ class FleetClient:
                 msg = await sub.next_msg(timeout=None)
                 if msg.subject.endswith("." + names.EVENT_JOB):
                     yield JobRecord.from_wire(msg.data)
+                elif msg.subject.endswith("." + names.EVENT_STATE):
+                    yield TaskRecord.from_wire(msg.data)
                 else:
                     yield TaskEvent.from_wire(msg.data)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _check_encodable(values: list[Any], args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse a sweep before anything is declared if its inputs cannot travel (msgpack)."""
+    try:
+        msgpack.packb([values, list(args), dict(kwargs or {})], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"task inputs cannot be encoded as msgpack: {exc}") from None

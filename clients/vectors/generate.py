@@ -26,22 +26,28 @@ from typing import Any
 import msgpack
 
 from broker import blobs, codec
+from fleet.core.failures import FailureClass
 from fleet.core.records import (
     CancelRequest,
     DeadLetter,
     DoneReport,
     ErrorInfo,
+    Fence,
     Heartbeat,
+    HeartbeatReply,
+    HeldTask,
     JobRecord,
     JobSpec,
     Payload,
     Record,
     Resources,
     RetryPolicy,
+    RetryRequest,
     StartedTask,
     StartReport,
     TaskEnvelope,
     TaskEvent,
+    TaskRecord,
 )
 from fleet.core.states import TaskState
 
@@ -318,8 +324,8 @@ def valid_vectors() -> list[dict[str, Any]]:
                 worker_id=WORKER,
                 at=T0 + 5,
                 tasks=[
-                    StartedTask(task_id="t0000000", job_id="j-minimal", attempt=1, delivery=1),
-                    StartedTask(task_id="t0000001", job_id="j-sweep", attempt=2, delivery=3),
+                    StartedTask(task_id="t0000000", job_id="j-minimal", attempt=1, delivery=1, token=17001),
+                    StartedTask(task_id="t0000001", job_id="j-sweep", attempt=2, delivery=3, token=18003),
                 ],
             ),
         ),
@@ -331,6 +337,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 job_id="j-minimal",
                 attempt=1,
                 delivery=1,
+                token=17001,
                 worker_id=WORKER,
                 outcome="succeeded",
                 result=inline(7),
@@ -348,6 +355,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 job_id="j-sweep",
                 attempt=2,
                 delivery=3,
+                token=18003,
                 worker_id=WORKER,
                 outcome="succeeded",
                 result=inline(COMMAND_OUTPUTS),
@@ -359,23 +367,26 @@ def valid_vectors() -> list[dict[str, Any]]:
         ),
         valid(
             "done-failed",
-            "A failed attempt: the error, and the envelope sent back so the scheduler can retry.",
+            "A failed attempt: the error, its failure class and the delay the handler asked for.",
             DoneReport(
                 task_id="t0000000",
                 job_id="j-minimal",
                 attempt=1,
                 delivery=1,
+                token=17001,
                 worker_id=WORKER,
                 outcome="failed",
                 error=ErrorInfo(
-                    type="ValueError", message="x must be positive", traceback=ERROR_TRACEBACK, retryable=True
+                    type="ValueError",
+                    message="x must be positive",
+                    traceback=ERROR_TRACEBACK,
+                    retryable=True,
+                    failure=FailureClass.ERROR,
+                    retry_after_s=2.5,
                 ),
                 started_at=T0 + 5,
                 finished_at=T0 + 5.5,
-                envelope=MINIMAL,
             ),
-            payload_path=["envelope", "payload"],
-            payload_value=MINIMAL_INPUTS,
         ),
         valid(
             "done-cancelled",
@@ -385,6 +396,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 job_id="j-sweep",
                 attempt=1,
                 delivery=1,
+                token=19001,
                 worker_id=WORKER,
                 outcome="cancelled",
                 error=ErrorInfo(type="Cancelled", message="cancelled by user", retryable=False),
@@ -393,29 +405,43 @@ def valid_vectors() -> list[dict[str, Any]]:
             ),
         ),
         valid(
-            "event-state",
-            "A state event: the task is running on a worker.",
-            TaskEvent(
-                kind="state",
+            "task-record-running",
+            "A task's state of record (fleet.state.<job>.<task>): running on a worker under a token.",
+            TaskRecord(
                 job_id="j-minimal",
                 task_id="t0000000",
-                at=T0 + 5,
                 state=TaskState.RUNNING,
+                rev=3,
+                at=T0 + 5,
                 attempt=1,
+                dispatch=1,
+                seq=17,
+                token=17001,
                 worker_id=WORKER,
+                intake_seq=2,
             ),
         ),
         valid(
-            "event-state-retrying",
-            "A state event with a reason: the attempt failed and a retry is scheduled.",
-            TaskEvent(
-                kind="state",
-                job_id="j-minimal",
-                task_id="t0000000",
-                at=T0 + 5.5,
+            "task-record-retrying",
+            "A task waiting out its backoff after a failure of class error.",
+            TaskRecord(
+                job_id="j-sweep",
+                task_id="t0000002",
                 state=TaskState.RETRYING,
-                attempt=1,
-                reason="ValueError: x must be positive (retry in 1.0s)",
+                rev=5,
+                at=T0 + 5.5,
+                queue="gpu",
+                attempt=3,
+                dispatch=2,
+                seq=18,
+                reason="ValueError: x must be positive [error] (retry in 1.0s)",
+                failure=FailureClass.ERROR,
+                lost=1,
+                not_before=T0 + 6.5,
+                intake_seq=4,
+                retry=RetryPolicy(
+                    max_attempts=5, backoff_s=0.5, backoff_max_s=60.0, multiplier=3.0, jitter=0.0
+                ),
             ),
         ),
         valid(
@@ -427,6 +453,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 task_id="t0000001",
                 at=T0 + 7,
                 attempt=2,
+                token=18003,
                 progress=0.5,
                 message="1/2 items",
             ),
@@ -455,6 +482,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 submitted=3,
                 counts={"queued": 1, "running": 1, "succeeded": 1},
                 retries=1,
+                stale_reports=1,
                 created_at=T0,
                 updated_at=T0 + 9.5,
             ),
@@ -467,6 +495,7 @@ def valid_vectors() -> list[dict[str, Any]]:
                 total=1,
                 submitted=1,
                 counts={"cancelled": 1},
+                failures={},
                 requeues=2,
                 created_at=T0,
                 updated_at=T0 + 61,
@@ -484,9 +513,35 @@ def valid_vectors() -> list[dict[str, Any]]:
                 pid=4242,
                 slots=4,
                 busy=1,
-                tasks=["j-sweep/t0000001"],
+                held=[HeldTask(job_id="j-sweep", task_id="t0000001", token=18003)],
                 at=T0 + 6,
-                interval_s=2.0,
+                interval_s=1.0,
+            ),
+        ),
+        valid(
+            "heartbeat-reply",
+            "The scheduler's answer: stop a delivery whose task another delivery now holds.",
+            HeartbeatReply(
+                fence=[
+                    Fence(
+                        job_id="j-sweep",
+                        task_id="t0000001",
+                        token=18003,
+                        reason="superseded by a newer dispatch",
+                        ack=True,
+                    )
+                ]
+            ),
+        ),
+        valid(
+            "retry-request",
+            "Re-run a job's tasks that failed on the network or lost their lease, dead ones included.",
+            RetryRequest(
+                job_id="j-sweep",
+                request_id="r-0123456789ab",
+                failures=[FailureClass.INFRA, FailureClass.LOST],
+                include_dead=True,
+                at=T0 + 90,
             ),
         ),
         valid(
@@ -527,7 +582,8 @@ def lenient_vectors() -> list[dict[str, Any]]:
         lenient(
             "done-lenient",
             "A report from a newer worker in another language: floats encoded as float32, an "
-            "unknown field at the top level and one inside error.",
+            "unknown field at the top level and one inside error, and an out-of-range retry delay "
+            "(cut to the 7-day maximum).",
             DoneReport,
             {
                 "v": 1,
@@ -535,9 +591,10 @@ def lenient_vectors() -> list[dict[str, Any]]:
                 "job_id": "j-minimal",
                 "attempt": 1,
                 "delivery": 1,
+                "token": 17001,
                 "worker_id": WORKER,
                 "outcome": "failed",
-                "error": {"type": "OSError", "message": "disk full", "errno": 28},
+                "error": {"type": "OSError", "message": "disk full", "errno": 28, "retry_after_s": 1e30},
                 "started_at": T0,
                 "finished_at": T0 + 128,  # float32 holds multiples of 128 exactly near T0
                 "host_metrics": {"rss_mb": 512},
@@ -661,6 +718,7 @@ def invalid_vectors() -> list[dict[str, Any]]:
                     "job_id": "j-minimal",
                     "attempt": 1,
                     "delivery": 1,
+                    "token": 17001,
                     "worker_id": WORKER,
                     "outcome": "ok",
                     "started_at": T0,
@@ -682,6 +740,22 @@ def invalid_vectors() -> list[dict[str, Any]]:
             TaskEnvelope,
             bad(MINIMAL, job_id="j-minimal\n"),
             "invalid identifier",
+        ),
+        invalid(
+            "invalid-not-before-infinite",
+            "not_before is infinite (times from outside must be finite and before 2200).",
+            TaskEnvelope,
+            bad(MINIMAL, not_before=float("inf")),
+            "not_before",
+        ),
+        invalid(
+            "invalid-failure-class",
+            "A failure class this build does not know.",
+            RetryRequest,
+            codec.pack(
+                {"v": 1, "job_id": "j-sweep", "request_id": "r-1", "failures": ["cosmic-ray"], "at": T0}
+            ),
+            "failures.0: Input should be",
         ),
         invalid(
             "invalid-payload-data-as-str",

@@ -1,419 +1,549 @@
-"""The scheduler's bookkeeping, with no I/O: tasks, jobs, admission, retries, requeues.
+"""The scheduler's bookkeeping, with no I/O: tasks, jobs, fencing, retries, requeues, cancels.
 
-Every method takes ``now`` and returns the *effects* the I/O shell must carry out (publish a record,
-purge queued work, broadcast a cancel). The shell performs them, waits for the server's acks, and
-only then acknowledges the input that caused them, so an effect is never lost: at worst it is
-repeated after a crash, and every method here is idempotent for repeated inputs (a task's attempt
-number and its terminal states make duplicates harmless).
+Every method takes ``now`` and returns the *effects* (``fleet.core.effects``) the I/O shell must
+carry out; changed task and job records are collected and taken by the shell with
+:meth:`Ledger.take_states` and :meth:`Ledger.take_jobs`. The ledger commits in memory at once; the
+shell retries every effect until it is stored and acknowledges an input only after its effects,
+so a decision is never lost (a crash replays the unacknowledged inputs against the state of
+record, and every effect is idempotent).
 
-Admission is a chain of :class:`AdmissionPolicy` objects; today it holds the retry delay, and the
-rate limits, quotas and dependencies of later milestones slot in as further policies.
+Fencing rules are in ``fleet.core.fencing``; failure classes and their budgets in
+``fleet.core.failures``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import heapq
 import logging
 import random
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 from broker import names
-from fleet.core import retry
-from fleet.core.liveness import WorkerView
+from fleet.core import failures, fencing, retry
+from fleet.core.effects import (
+    Archive,
+    Broadcast,
+    DeleteDispatch,
+    Dispatch,
+    Effect,
+    Publish,
+    Purge,
+    SaveResult,
+)
+from fleet.core.failures import FailureClass
+from fleet.core.jobs import JobStats
 from fleet.core.records import (
     CancelRequest,
     DeadLetter,
     DoneReport,
+    Fence,
+    Heartbeat,
     JobRecord,
     JobSpec,
-    Record,
+    RetryRequest,
     StartReport,
     TaskEnvelope,
-    TaskEvent,
+    TaskRecord,
 )
 from fleet.core.states import TERMINAL, TaskState, can_move
+from fleet.core.tasks import TaskEntry, intern_policy
 
 log = logging.getLogger("fleet.scheduler")
 
-
 DEAD_LETTER_RAW_LIMIT = 64 * 1024
 """Bytes of the offending input kept in a dead letter."""
-
-
-def task_key(job_id: str, task_id: str) -> str:
-    """Tasks are identified by (job, task); this is the one string form of that pair."""
-    return f"{job_id}/{task_id}"
-
-
-def attempt_id(job_id: str, task_id: str, attempt: int) -> str:
-    """The Nats-Msg-Id of one attempt of one task (de-duplicates repeated publishes)."""
-    return f"{job_id}/{task_id}:{attempt}"
-
-
-# ---- effects --------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Publish:
-    """Publish ``record`` to a JetStream subject (with a de-duplication id when given)."""
-
-    subject: str
-    record: Record
-    msg_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Broadcast:
-    """Publish on core NATS (no persistence): live control messages to workers."""
-
-    subject: str
-    record: Record
-
-
-@dataclasses.dataclass(frozen=True)
-class Purge:
-    """Remove queued work matching ``subject`` from the task stream."""
-
-    subject: str
-
-
-Effect = Publish | Broadcast | Purge
-
-
-# ---- admission ------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Admit:
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class Defer:
-    """Not yet: ask again after ``delay_s`` (the shell NAKs the intake message with that delay)."""
-
-    delay_s: float
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Reject:
-    reason: str
-
-
-Decision = Admit | Defer | Reject
-
-
-class AdmissionPolicy(Protocol):
-    def decide(self, env: TaskEnvelope, now: float) -> Decision: ...
-
-
-class NotBefore:
-    """Holds a retry until its backoff has passed."""
-
-    def decide(self, env: TaskEnvelope, now: float) -> Decision:
-        if env.not_before is not None and env.not_before > now:
-            return Defer(env.not_before - now, "retry backoff")
-        return Admit()
-
-
-# ---- state ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TaskEntry:
-    task_id: str
-    job_id: str
-    state: TaskState | None = None
-    attempt: int = 1
-    delivery: int = 0
-    worker: str | None = None
-    queue: str = "default"
-
-
-@dataclasses.dataclass
-class JobStats:
-    job_id: str
-    created_at: float
-    name: str = ""
-    tenant: str = "default"
-    queue: str = "default"
-    total: int | None = None
-    counts: dict[TaskState, int] = dataclasses.field(default_factory=dict)
-    task_ids: set[str] = dataclasses.field(default_factory=set)
-    retries: int = 0
-    requeues: int = 0
-    cancelled: bool = False
-    finished_at: float | None = None
-    updated_at: float = 0.0
-
-    def record(self) -> JobRecord:
-        return JobRecord(
-            job_id=self.job_id,
-            name=self.name,
-            tenant=self.tenant,
-            queue=self.queue,
-            total=self.total,
-            submitted=len(self.task_ids),
-            counts={str(s): n for s, n in sorted(self.counts.items()) if n},
-            retries=self.retries,
-            requeues=self.requeues,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            finished_at=self.finished_at,
-            cancelled=self.cancelled,
-        )
-
-    @property
-    def done(self) -> int:
-        return sum(n for s, n in self.counts.items() if s in TERMINAL)
+Key = tuple[str, str]
 
 
 class Ledger:
-    def __init__(
-        self,
-        policies: Sequence[AdmissionPolicy] = (NotBefore(),),
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        self.policies = list(policies)
+    def __init__(self, rand: Callable[[], float] = random.random) -> None:
         self.rand = rand
-        self.tasks: dict[str, TaskEntry] = {}
         self.jobs: dict[str, JobStats] = {}
-        self.dirty: set[str] = set()
-        self._by_worker: dict[str, set[str]] = {}
+        self._by_worker: dict[str, set[Key]] = {}
+        self._timers: list[tuple[float, str, str]] = []
+        self._dirty_tasks: dict[Key, TaskEntry] = {}
+        self._dirty_jobs: set[str] = set()
 
-    # -- helpers -----------------------------------------------------------------------------------
+    # -- lookups ---------------------------------------------------------------------------------
     def job(self, job_id: str, now: float) -> JobStats:
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = JobStats(job_id=job_id, created_at=now, updated_at=now)
-            self.dirty.add(job_id)
+            self._dirty_jobs.add(job_id)
         return job
 
-    def _entry(self, job_id: str, task_id: str, now: float) -> TaskEntry:
-        key = task_key(job_id, task_id)
-        entry = self.tasks.get(key)
-        if entry is None:
-            entry = self.tasks[key] = TaskEntry(task_id=task_id, job_id=job_id)
-            self.job(job_id, now).task_ids.add(task_id)
+    def task(self, job_id: str, task_id: str) -> TaskEntry | None:
+        job = self.jobs.get(job_id)
+        return job.tasks.get(task_id) if job is not None else None
+
+    def held_by(self, worker_id: str) -> list[TaskEntry]:
+        out = [self.task(j, t) for j, t in sorted(self._by_worker.get(worker_id, ()))]
+        return [e for e in out if e is not None]
+
+    def _new_entry(self, job: JobStats, task_id: str) -> TaskEntry:
+        entry = job.tasks[task_id] = TaskEntry(job_id=job.job_id, task_id=task_id, queue=job.queue)
+        job.submitted += 1
         return entry
 
+    # -- the one place states change ---------------------------------------------------------------
     def _move(
-        self,
-        entry: TaskEntry,
-        dst: TaskState,
-        now: float,
-        *,
-        reason: str | None = None,
-        worker: str | None = None,
-    ) -> list[Effect]:
+        self, entry: TaskEntry, dst: TaskState, now: float, reason: str | None = None, *, reopen: bool = False
+    ) -> bool:
         src = entry.state
-        if not can_move(src, dst):
-            log.debug("ignoring %s -> %s for %s", src, dst, entry.task_id)
-            return []
+        if not can_move(src, dst, reopen=reopen):
+            log.debug("ignoring %s -> %s for %s/%s", src, dst, entry.job_id, entry.task_id)
+            return False
         job = self.job(entry.job_id, now)
-        if src is not None:
-            job.counts[src] = job.counts.get(src, 0) - 1
-        job.counts[dst] = job.counts.get(dst, 0) + 1
-        entry.state = dst
-        if entry.worker and dst != TaskState.RUNNING:
-            self._by_worker.get(entry.worker, set()).discard(task_key(entry.job_id, entry.task_id))
+        job.count(src, dst)
+        if src in (TaskState.FAILED, TaskState.DEAD):
+            job.count_failure(entry.failure, None)
+        if dst in (TaskState.FAILED, TaskState.DEAD):
+            job.count_failure(None, entry.failure or FailureClass.INVALID)
+        entry.state, entry.reason = dst, reason
+        if dst != TaskState.RUNNING and entry.worker is not None:
+            self._by_worker.get(entry.worker, set()).discard(entry.key)
             entry.worker = None
-        if dst == TaskState.RUNNING and worker:
-            entry.worker = worker
-            self._by_worker.setdefault(worker, set()).add(task_key(entry.job_id, entry.task_id))
+        if dst != TaskState.RETRYING:
+            entry.not_before = None
         job.updated_at = now
-        self._check_finished(job, now)
-        self.dirty.add(job.job_id)
-        event = TaskEvent(
-            kind="state",
-            job_id=entry.job_id,
-            task_id=entry.task_id,
-            at=now,
-            state=dst,
-            attempt=entry.attempt,
-            worker_id=worker,
-            reason=reason,
-        )
-        return [Publish(names.event_subject(entry.job_id, entry.task_id, names.EVENT_STATE), event)]
+        self._touch(entry, job, now)
+        return True
 
-    def _check_finished(self, job: JobStats, now: float) -> None:
-        complete = job.total is not None and job.done >= job.total and len(job.task_ids) >= job.total
-        if complete or (job.cancelled and job.done >= len(job.task_ids)):
-            job.finished_at = job.finished_at or now
-        else:
-            job.finished_at = None
+    def _hold(self, entry: TaskEntry, worker: str, token: int) -> None:
+        if entry.worker is not None and entry.worker != worker:
+            self._by_worker.get(entry.worker, set()).discard(entry.key)
+        entry.worker, entry.token = worker, token
+        self._by_worker.setdefault(worker, set()).add(entry.key)
 
-    # -- inputs ------------------------------------------------------------------------------------
+    def _touch(self, entry: TaskEntry, job: JobStats, now: float) -> None:
+        self._dirty_tasks[entry.key] = entry
+        job.check_finished(now)
+        self._dirty_jobs.add(job.job_id)
+
+    def _dispatch(self, entry: TaskEntry, now: float, env: TaskEnvelope | None = None) -> list[Effect]:
+        """QUEUED and on its way to the work queue as a new message (a new fencing base)."""
+        if entry.state != TaskState.QUEUED and not self._move(entry, TaskState.QUEUED, now, entry.reason):
+            return []
+        entry.dispatch += 1
+        entry.seq, entry.token = None, None
+        self._touch(entry, self.job(entry.job_id, now), now)
+        return [
+            Dispatch(
+                entry.job_id, entry.task_id, entry.queue, entry.attempt, entry.dispatch, entry.intake_seq, env
+            )
+        ]
+
+    def dispatched(self, job_id: str, task_id: str, dispatch: int, seq: int) -> None:
+        """The shell stored dispatch number ``dispatch`` as stream sequence ``seq``."""
+        entry = self.task(job_id, task_id)
+        if entry is not None and entry.dispatch == dispatch and entry.state == TaskState.QUEUED:
+            entry.seq = seq
+            self._dirty_tasks[entry.key] = entry
+
+    def _arm(self, entry: TaskEntry, at: float) -> None:
+        entry.not_before = at
+        heapq.heappush(self._timers, (at, entry.job_id, entry.task_id))
+
+    # -- inputs from clients ---------------------------------------------------------------------
     def declare(self, spec: JobSpec, now: float) -> list[Effect]:
         job = self.job(spec.job_id, now)
-        job.name, job.tenant, job.queue = spec.name, spec.tenant, spec.queue
-        job.total = spec.total
-        job.created_at = min(job.created_at, spec.created_at)
-        self._check_finished(job, now)
-        self.dirty.add(job.job_id)
+        job.apply_spec(spec)
+        self._touch_job(job, now)
         return []
 
-    def admit(self, env: TaskEnvelope, now: float) -> tuple[Decision, list[Effect]]:
-        entry = self.tasks.get(task_key(env.job_id, env.task_id))
+    def _touch_job(self, job: JobStats, now: float) -> None:
+        job.updated_at = now
+        job.check_finished(now)
+        self._dirty_jobs.add(job.job_id)
+
+    def admit(self, env: TaskEnvelope, now: float, intake_seq: int | None = None) -> list[Effect]:
         job = self.job(env.job_id, now)
-        if entry is not None and entry.state is not None:
-            is_due_retry = entry.state == TaskState.RETRYING and env.attempt > entry.attempt
-            if not is_due_retry:
-                return Admit(), []  # a duplicate or late submission: already handled
+        if env.task_id in job.tasks:
+            return []  # a duplicate or late submission: already handled
+        entry = self._new_entry(job, env.task_id)
+        entry.queue, entry.retry, entry.intake_seq = env.queue, intern_policy(env.retry), intake_seq
+        if env.payload.ref:
+            entry.blobs = (names.blob_name(env.job_id, env.payload.ref),)
+            job.blobs.update(entry.blobs)
         if job.cancelled:
-            entry = self._entry(env.job_id, env.task_id, now)
-            return Admit(), self._move(entry, TaskState.CANCELLED, now, reason="job cancelled")
-        for policy in self.policies:
-            decision = policy.decide(env, now)
-            if isinstance(decision, Defer):
-                return decision, []
-            if isinstance(decision, Reject):
-                return decision, self.reject(env.job_id, env.task_id, decision.reason, now)
-        entry = self._entry(env.job_id, env.task_id, now)
-        if env.attempt != entry.attempt:
-            entry.delivery = 0  # deliveries are counted per attempt
-        entry.attempt, entry.queue = env.attempt, env.queue
-        out = self._move(entry, TaskState.QUEUED, now, reason="retry" if env.attempt > 1 else None)
-        if not out:
-            return Admit(), []
-        dispatch = env.model_copy(update={"not_before": None})
-        subject = names.task_subject(env.queue, env.job_id, env.task_id)
-        return Admit(), [
-            Publish(subject, dispatch, msg_id=attempt_id(env.job_id, env.task_id, env.attempt)),
-            *out,
-        ]
+            self._move(entry, TaskState.CANCELLED, now, "job cancelled")
+            return []
+        if env.not_before is not None and env.not_before > now:
+            self._move(entry, TaskState.QUEUED, now, f"not before {env.not_before:.0f}")
+            self._arm(entry, env.not_before)
+            return []
+        return self._dispatch(entry, now, env)
 
     def reject(self, job_id: str, task_id: str, reason: str, now: float) -> list[Effect]:
         """Input that can never run: the task ends DEAD with the reason."""
-        entry = self._entry(job_id, task_id, now)
-        return self._move(entry, TaskState.DEAD, now, reason=reason)
-
-    def started(self, report: StartReport, now: float) -> list[Effect]:
-        out: list[Effect] = []
-        for t in report.tasks:
-            entry = self._entry(t.job_id, t.task_id, now)
-            if entry.state in TERMINAL or t.attempt < entry.attempt:
-                continue
-            if entry.state == TaskState.RUNNING and t.delivery > entry.delivery:
-                prev = entry.worker or "unknown worker"
-                self.job(t.job_id, now).requeues += 1
-                out += self._move(
-                    entry, TaskState.QUEUED, now, reason=f"lease expired on {prev}; redelivered"
-                )
-            if entry.state is None:  # scheduler restarted without this task's history
-                out += self._move(entry, TaskState.QUEUED, now)
-            entry.delivery = max(entry.delivery, t.delivery)
-            out += self._move(entry, TaskState.RUNNING, now, worker=report.worker_id)
-        return out
-
-    def done(self, report: DoneReport, now: float) -> tuple[list[Effect], TaskEnvelope | None]:
-        """Record an attempt's outcome; returns the effects and the retry envelope, if any."""
-        entry = self._entry(report.job_id, report.task_id, now)
-        if entry.state in TERMINAL or report.attempt < entry.attempt:
-            return [], None
-        if entry.state == TaskState.RETRYING:  # this attempt's outcome is already recorded
-            return [], None
-        out: list[Effect] = []
-        if entry.state != TaskState.RUNNING:
-            if entry.state is None:
-                out += self._move(entry, TaskState.QUEUED, now)
-            out += self._move(entry, TaskState.RUNNING, now, worker=report.worker_id)
-        if report.outcome == "succeeded":
-            return out + self._move(entry, TaskState.SUCCEEDED, now), None
-        if report.outcome == "cancelled":
-            return out + self._move(entry, TaskState.CANCELLED, now, reason="cancelled while running"), None
-        err = report.error
-        reason = f"{err.type}: {err.message}" if err else "failed"
-        env = report.envelope
-        if env is None or not retry.should_retry(env.retry, report.attempt, err.retryable if err else True):
-            return out + self._move(entry, TaskState.FAILED, now, reason=reason), None
-        delay = retry.backoff_delay(env.retry, report.attempt, self.rand)
-        if err is not None and err.retry_after_s is not None:
-            delay = err.retry_after_s
-        nxt = env.model_copy(update={"attempt": report.attempt + 1, "not_before": now + delay})
-        self.job(report.job_id, now).retries += 1
-        out += self._move(entry, TaskState.RETRYING, now, reason=f"{reason} (retry in {delay:.1f}s)")
-        retry_id = "retry:" + attempt_id(nxt.job_id, nxt.task_id, nxt.attempt)
-        out.append(Publish(names.intake_retry(nxt.job_id, nxt.task_id), nxt, msg_id=retry_id))
-        return out, nxt
-
-    def worker_lost(self, view: WorkerView, now: float) -> list[Effect]:
-        out: list[Effect] = []
-        held = self._by_worker.pop(view.worker_id, set()) | set(view.tasks)
-        for key in sorted(held):
-            entry = self.tasks.get(key)
-            if (
-                entry is None
-                or entry.state != TaskState.RUNNING
-                or entry.worker not in (view.worker_id, None)
-            ):
-                continue
-            self.job(entry.job_id, now).requeues += 1
-            reason = f"lease lost: worker {view.worker_id} missed heartbeats"
-            out += self._move(entry, TaskState.QUEUED, now, reason=reason)
-        return out
+        job = self.job(job_id, now)
+        entry = job.tasks.get(task_id) or self._new_entry(job, task_id)
+        entry.failure = FailureClass.INVALID
+        self._move(entry, TaskState.DEAD, now, reason)
+        return []
 
     def cancel(self, req: CancelRequest, now: float) -> list[Effect]:
         job = self.job(req.job_id, now)
-        if req.task_id is not None and task_key(req.job_id, req.task_id) not in self.tasks:
-            log.warning("cancel of unknown task %s/%s ignored", req.job_id, req.task_id)
-            return []
-        targets = [req.task_id] if req.task_id else sorted(job.task_ids)
-        out: list[Effect] = []
+        out: list[Effect] = [Broadcast(names.cancel_subject(req.job_id), req)]
         if req.task_id is None:
             job.cancelled = True
-            out.append(Purge(names.job_tasks_filter(req.job_id)))
-            out.append(Broadcast(names.cancel_subject(req.job_id), req))
-        for task_id in targets:
-            entry = self._entry(req.job_id, task_id, now)
-            out += self._move(entry, TaskState.CANCELLED, now, reason=req.reason)
-        if req.task_id is not None:
-            queue = self.tasks[task_key(req.job_id, req.task_id)].queue
-            out.append(Purge(names.task_subject(queue, req.job_id, req.task_id)))
-            out.append(Broadcast(names.cancel_subject(req.job_id), req))
-        self._check_finished(job, now)
-        self.dirty.add(job.job_id)
+            targets: Iterable[TaskEntry] = list(job.tasks.values())
+            out.append(Purge(names.TASKS_STREAM, names.job_tasks_filter(req.job_id)))
+        else:
+            entry = job.tasks.get(req.task_id) or self._new_entry(job, req.task_id)
+            targets = [entry]
+            out.append(Purge(names.TASKS_STREAM, names.task_subject(entry.queue, req.job_id, req.task_id)))
+        for entry in targets:
+            self._move(entry, TaskState.CANCELLED, now, req.reason)
+        self._touch_job(job, now)
         return out
 
-    def dead_letter(self, origin: str, subject: str, reason: str, raw: bytes, now: float) -> list[Effect]:
-        """Record undecodable input; if the subject names a task, that task ends DEAD."""
-        job_id, task_id = names.task_of(subject)
-        raw = raw[:DEAD_LETTER_RAW_LIMIT]  # the letter itself must fit under max_payload
-        letter = DeadLetter(
-            origin=origin, subject=subject, reason=reason, at=now, job_id=job_id, task_id=task_id, raw=raw
+    def retry_request(self, req: RetryRequest, now: float) -> list[Effect]:
+        """Reopen a job's failed (and, if asked, dead) tasks for a fresh run of every budget."""
+        job = self.jobs.get(req.job_id)
+        if job is None or job.pruned:
+            log.warning("retry of %s: job unknown or no longer in memory", req.job_id)
+            return []
+        if job.retried_at is not None and req.at <= job.retried_at:
+            return []  # already applied (a redelivered or older request)
+        job.retried_at = req.at
+        states = {TaskState.FAILED} | ({TaskState.DEAD} if req.include_dead else set())
+        wanted = set(req.task_ids) if req.task_ids else None
+        out: list[Effect] = []
+        for entry in list(job.tasks.values()):
+            if entry.state not in states or (wanted is not None and entry.task_id not in wanted):
+                continue
+            if req.failures and (entry.failure or FailureClass.INVALID) not in req.failures:
+                continue
+            if entry.failure == FailureClass.INVALID and entry.intake_seq is None:
+                continue  # never admitted: there is nothing to run
+            c = entry.counters
+            c.attempt, c.lost, c.infra, c.preempted = c.attempt + 1, 0, 0, 0
+            self._move(entry, TaskState.QUEUED, now, f"retry requested ({req.request_id})", reopen=True)
+            job.retries += 1
+            out += self._dispatch(entry, now)
+        self._touch_job(job, now)
+        return out
+
+    # -- inputs from workers ---------------------------------------------------------------------
+    def started(self, report: StartReport, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        for t in report.tasks:
+            entry = self.task(t.job_id, t.task_id)
+            if entry is None or entry.state in TERMINAL or entry.state == TaskState.RETRYING:
+                continue  # fenced by the worker's next heartbeat (see heartbeat_fences)
+            seq = fencing.seq_of(t.token)
+            if entry.seq is not None and seq < entry.seq:
+                continue  # an older dispatch
+            if entry.state == TaskState.QUEUED:
+                if entry.dispatch == 0:
+                    continue  # not dispatched by us (yet): a stray message
+                entry.seq = seq
+                self._hold(entry, report.worker_id, t.token)
+                self._move(entry, TaskState.RUNNING, now)
+            elif entry.state == TaskState.RUNNING and t.token > (entry.token or 0):
+                # JetStream handed the same dispatch to someone else: the holder's lease lapsed
+                out += self._lost(
+                    entry,
+                    now,
+                    f"lease of {entry.worker} lapsed; redelivered",
+                    keep=(report.worker_id, t.token),
+                )
+        return out
+
+    def done(self, report: DoneReport, now: float, raw: bytes = b"") -> list[Effect]:
+        entry = self.task(report.job_id, report.task_id)
+        job = self.jobs.get(report.job_id)
+        if entry is None or job is None or not self._accepts(entry, report):
+            if job is not None and (entry is None or entry.token != report.token):
+                job.stale_reports += 1
+                self._dirty_jobs.add(job.job_id)
+            return []
+        if entry.state == TaskState.QUEUED:  # its start report was not seen (or lost)
+            entry.seq = fencing.seq_of(report.token)
+            self._hold(entry, report.worker_id, report.token)
+            self._move(entry, TaskState.RUNNING, now)
+        entry.token = report.token
+        if report.result is not None and report.result.ref:
+            blob = names.blob_name(report.job_id, report.result.ref)
+            entry.blobs = (*entry.blobs, blob)
+            job.blobs.add(blob)
+        if report.outcome == "succeeded":
+            self._move(entry, TaskState.SUCCEEDED, now)
+            return [SaveResult(report.job_id, report.task_id, raw or report.to_wire())]
+        if report.outcome == "cancelled":
+            self._move(entry, TaskState.CANCELLED, now, "cancelled while running")
+            return []
+        err = report.error
+        cls = err.failure if err is not None else FailureClass.ERROR
+        reason = f"{err.type}: {err.message}" if err is not None else "failed"
+        out = self._failed(
+            entry,
+            cls,
+            reason,
+            now,
+            retryable=err.retryable if err else True,
+            delay=err.retry_after_s if err else None,
         )
-        out: list[Effect] = [Publish(names.dlq_subject(origin), letter)]
-        if job_id and task_id and task_key(job_id, task_id) not in self.tasks:
-            out += self.reject(job_id, task_id, reason, now)  # never admitted: it can never run
+        if entry.state in (TaskState.FAILED, TaskState.DEAD) and report.outcome == "failed":
+            out.append(SaveResult(report.job_id, report.task_id, raw or report.to_wire()))
         return out
 
-    # -- recovery and housekeeping -----------------------------------------------------------------
-    def restore_job(self, record: JobRecord) -> None:
-        job = self.job(record.job_id, record.created_at)
-        job.name, job.tenant, job.queue, job.total = record.name, record.tenant, record.queue, record.total
-        job.retries, job.requeues, job.cancelled = record.retries, record.requeues, record.cancelled
-        job.finished_at, job.updated_at = record.finished_at, record.updated_at
+    @staticmethod
+    def _accepts(entry: TaskEntry, report: DoneReport) -> bool:
+        """Rule 2 of fleet.core.fencing: only the holder (or a newer delivery of its dispatch)."""
+        if entry.state not in (TaskState.QUEUED, TaskState.RUNNING) or report.attempt != entry.attempt:
+            return False
+        if entry.seq is None or fencing.seq_of(report.token) != entry.seq:
+            return entry.state == TaskState.QUEUED and entry.dispatch > 0 and entry.seq is None
+        return report.token >= (entry.token or 0)
 
-    def restore_task(self, event: TaskEvent) -> None:
-        """Replay the last known state of one task (from the event stream) after a restart."""
-        if event.state is None:
-            return
-        entry = self._entry(event.job_id, event.task_id, event.at)
-        job = self.job(event.job_id, event.at)
-        if entry.state is not None:
-            job.counts[entry.state] -= 1
-        entry.state = event.state
-        entry.attempt = event.attempt or 1
-        job.counts[event.state] = job.counts.get(event.state, 0) + 1
-        if event.state == TaskState.RUNNING and event.worker_id:
-            entry.worker = event.worker_id
-            self._by_worker.setdefault(event.worker_id, set()).add(task_key(entry.job_id, entry.task_id))
+    def _failed(
+        self,
+        entry: TaskEntry,
+        cls: FailureClass,
+        reason: str,
+        now: float,
+        *,
+        retryable: bool = True,
+        delay: float | None = None,
+    ) -> list[Effect]:
+        job = self.job(entry.job_id, now)
+        entry.failure = cls
+        failures.count(cls, entry.counters)
+        verdict = failures.decide(entry.retry, cls, entry.counters, retryable=retryable)
+        old_seq = entry.seq
+        out: list[Effect] = []
+        if verdict.action == "retry":
+            if cls in failures.ATTEMPT_CLASSES:
+                entry.counters.attempt += 1
+            wait = delay if delay is not None else retry.backoff_delay(entry.retry, entry.attempt, self.rand)
+            job.retries += 1
+            self._move(entry, TaskState.RETRYING, now, f"{reason} [{cls}] (retry in {wait:.1f}s)")
+            if wait <= 0:
+                out += self._dispatch(entry, now)
+            else:
+                self._arm(entry, now + wait)
+        elif verdict.action == "requeue":
+            job.requeues += 1
+            self._move(entry, TaskState.QUEUED, now, f"{reason} [{cls}]: {verdict.reason}")
+            out += self._dispatch(entry, now)
+        else:
+            dst = TaskState.DEAD if verdict.action == "dead" else TaskState.FAILED
+            self._move(entry, dst, now, f"{reason} [{cls}]: {verdict.reason}")
+            if dst == TaskState.DEAD:
+                out.append(self._letter(entry, f"{reason}: {verdict.reason}", now))
+        if old_seq is not None and (entry.seq != old_seq or cls == FailureClass.LOST):
+            out.append(DeleteDispatch(old_seq))  # the old delivery ends here (a zombie's ack hits nothing)
+        return out
 
-    def take_dirty(self) -> list[JobRecord]:
-        dirty, self.dirty = self.dirty, set()
-        return [self.jobs[j].record() for j in sorted(dirty) if j in self.jobs]
+    def _lost(
+        self, entry: TaskEntry, now: float, reason: str, keep: tuple[str, int] | None = None
+    ) -> list[Effect]:
+        """The holder lost its lease. ``keep``: JetStream already gave the same message to a new
+        holder, which keeps running it unless the task is now poison."""
+        if keep is None:
+            return self._failed(entry, FailureClass.LOST, reason, now)
+        job = self.job(entry.job_id, now)
+        entry.failure = FailureClass.LOST
+        failures.count(FailureClass.LOST, entry.counters)
+        verdict = failures.decide(entry.retry, FailureClass.LOST, entry.counters)
+        if verdict.action == "dead":
+            self._move(entry, TaskState.DEAD, now, f"{reason}: {verdict.reason}")
+            out: list[Effect] = [self._letter(entry, verdict.reason, now)]
+            return out + ([DeleteDispatch(entry.seq)] if entry.seq else [])
+        job.requeues += 1
+        self._hold(entry, *keep)
+        entry.reason = f"{reason} ({verdict.reason})"
+        self._touch(entry, job, now)
+        return []
+
+    def _letter(self, entry: TaskEntry, reason: str, now: float) -> Publish:
+        letter = DeadLetter(
+            origin="task",
+            subject=names.state_subject(entry.job_id, entry.task_id),
+            reason=reason,
+            at=now,
+            job_id=entry.job_id,
+            task_id=entry.task_id,
+            failure=entry.failure,
+            attempt=entry.attempt,
+        )
+        return Publish(
+            names.dlq_task_subject(entry.job_id, entry.task_id),
+            letter,
+            names.msgid_dead(entry.job_id, entry.task_id),
+        )
+
+    def worker_lost(self, worker_id: str, now: float, why: str = "missed heartbeats") -> list[Effect]:
+        out: list[Effect] = []
+        for key in sorted(self._by_worker.pop(worker_id, set())):
+            entry = self.task(*key)
+            if entry is not None and entry.state == TaskState.RUNNING and entry.worker == worker_id:
+                out += self._lost(entry, now, f"lease lost: worker {worker_id} {why}")
+        return out
+
+    def heartbeat_fences(self, hb: Heartbeat) -> list[Fence]:
+        """Rule 3 of fleet.core.fencing: deliveries this worker must stop."""
+        fences: list[Fence] = []
+        for h in hb.held:
+            verdict = self._fence(h.job_id, h.task_id, h.token)
+            if verdict is not None:
+                reason, ack = verdict
+                fences.append(
+                    Fence(job_id=h.job_id, task_id=h.task_id, token=h.token, reason=reason, ack=ack)
+                )
+        return fences
+
+    def _fence(self, job_id: str, task_id: str, token: int) -> tuple[str, bool] | None:
+        """(reason, ack) if the delivery with ``token`` must stop, else None."""
+        job = self.jobs.get(job_id)
+        entry = job.tasks.get(task_id) if job is not None else None
+        seq = fencing.seq_of(token)
+        if entry is None:
+            return ("job finished", True) if job is not None and job.pruned else None
+        if entry.state in TERMINAL:
+            return ("cancelled" if entry.state == TaskState.CANCELLED else f"already {entry.state}", True)
+        if entry.seq is not None and seq < entry.seq:
+            return "superseded by a newer dispatch", True
+        if entry.state == TaskState.RETRYING and entry.seq == seq:
+            return "outcome already recorded", True
+        held = entry.state == TaskState.RUNNING and entry.seq == seq and entry.token is not None
+        if held and token < (entry.token or 0):
+            return "lease lost to a newer delivery of the same message", False
+        return None
+
+    def is_pruned(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.pruned
+
+    # -- time ------------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Effect]:
+        """Dispatch retries and delayed tasks that are due."""
+        out: list[Effect] = []
+        while self._timers and self._timers[0][0] <= now:
+            at, job_id, task_id = heapq.heappop(self._timers)
+            entry = self.task(job_id, task_id)
+            if (
+                entry is None
+                or entry.not_before != at
+                or entry.state not in (TaskState.RETRYING, TaskState.QUEUED)
+            ):
+                continue
+            entry.not_before = None
+            out += self._dispatch(entry, now)
+        return out
+
+    def archive_due(self, now: float, retention_s: float, settle_s: float = 300.0) -> list[Effect]:
+        out: list[Effect] = []
+        for job in self.jobs.values():
+            if job.settle(now, settle_s):
+                self._dirty_jobs.add(job.job_id)
+            if job.finished_at is not None and not job.archiving and now - job.finished_at >= retention_s:
+                job.archiving = True
+                out.append(Archive(job.job_id, tuple(sorted(job.blobs))))
+        return out
+
+    def archived(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            for entry in job.tasks.values():
+                if entry.worker:
+                    self._by_worker.get(entry.worker, set()).discard(entry.key)
+        self._dirty_jobs.discard(job_id)
 
     def prune(self, now: float, keep_s: float) -> int:
-        """Forget tasks of jobs finished more than ``keep_s`` ago (their history stays in the streams)."""
-        gone = [j for j in self.jobs.values() if j.finished_at is not None and now - j.finished_at > keep_s]
-        for job in gone:
-            for task_id in job.task_ids:
-                self.tasks.pop(task_key(job.job_id, task_id), None)
-            del self.jobs[job.job_id]
-        return len(gone)
+        """Drop task entries of jobs finished more than ``keep_s`` ago (their records stay)."""
+        n = 0
+        for job in self.jobs.values():
+            if job.finished_at is not None and not job.pruned and now - job.finished_at > keep_s:
+                for entry in job.tasks.values():
+                    self._dirty_tasks.pop(entry.key, None)
+                job.tasks, job.pruned = {}, True
+                n += 1
+        return n
+
+    # -- records for the shell ---------------------------------------------------------------------
+    def take_states(self, now: float, limit: int | None = None) -> list[TaskRecord]:
+        """Records of changed tasks, each once, skipping dispatches still waiting for their seq."""
+        out: list[TaskRecord] = []
+        for key in list(self._dirty_tasks):
+            entry = self._dirty_tasks[key]
+            if entry.state == TaskState.QUEUED and entry.dispatch > 0 and entry.seq is None:
+                continue  # the dispatch is written first (effects phase 1)
+            del self._dirty_tasks[key]
+            out.append(entry.record(now))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def take_jobs(self) -> list[JobRecord]:
+        dirty, self._dirty_jobs = self._dirty_jobs, set()
+        return [self.jobs[j].record() for j in sorted(dirty) if j in self.jobs]
+
+    def dead_letter(self, origin: str, subject: str, reason: str, raw: bytes, now: float) -> list[Effect]:
+        """Record undecodable input; if the subject names a task never admitted, that task ends DEAD."""
+        job_id, task_id = names.task_of(subject)
+        letter = DeadLetter(
+            origin=origin,
+            subject=subject,
+            reason=reason,
+            at=now,
+            job_id=job_id,
+            task_id=task_id,
+            raw=raw[:DEAD_LETTER_RAW_LIMIT],
+        )
+        out: list[Effect] = [Publish(names.dlq_subject(origin), letter)]
+        if origin == "intake" and job_id and task_id and self.task(job_id, task_id) is None:
+            out += self.reject(job_id, task_id, reason, now)
+        return out
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def restore_job(self, record: JobRecord) -> None:
+        self.job(record.job_id, record.created_at).apply_record(record)
+        self._dirty_jobs.discard(record.job_id)
+
+    def restore_task(self, record: TaskRecord) -> None:
+        job = self.job(record.job_id, record.at)
+        entry = TaskEntry.from_record(record)
+        old = job.tasks.get(record.task_id)
+        if old is not None:
+            job.count(old.state, None)
+        else:
+            job.submitted += 1
+        job.tasks[record.task_id] = entry
+        job.count(None, entry.state)
+        if entry.state in (TaskState.FAILED, TaskState.DEAD):
+            job.count_failure(None, entry.failure or FailureClass.INVALID)
+        job.blobs.update(entry.blobs)
+
+    def reload(self, job_id: str, records: Iterable[TaskRecord], *, keep_pruned: bool = False) -> None:
+        """Entries of a pruned job back in memory, without counting them again."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        for r in records:
+            job.tasks.setdefault(r.task_id, TaskEntry.from_record(r))
+        job.pruned = keep_pruned and job.pruned
+
+    def after_restore(self, now: float) -> list[Effect]:
+        """Finish recovery: index holders, re-arm timers, dispatch what was never dispatched, and
+        re-check every job's completion (a crash after a job's last task must not leave it open)."""
+        out: list[Effect] = []
+        for job in self.jobs.values():
+            for entry in job.tasks.values():
+                if entry.state == TaskState.RUNNING and entry.worker:
+                    self._by_worker.setdefault(entry.worker, set()).add(entry.key)
+                elif entry.state in (TaskState.RETRYING, TaskState.QUEUED) and entry.not_before is not None:
+                    self._arm(entry, entry.not_before)
+                elif entry.state == TaskState.QUEUED and entry.seq is None:
+                    entry.dispatch = max(entry.dispatch - 1, 0)  # re-issue the same dispatch id
+                    out += self._dispatch(entry, now)
+            if job.check_finished(now):
+                self._dirty_jobs.add(job.job_id)
+            if job.finished_at is not None:
+                job.tasks, job.pruned = {}, True
+        return out
+
+    def holders(self) -> list[str]:
+        return sorted(w for w, keys in self._by_worker.items() if keys)

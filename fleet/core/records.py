@@ -8,8 +8,8 @@ so that newer clients can add optional fields; a wrong type or a missing require
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
@@ -309,6 +309,8 @@ class TaskRecord(Record):
     """Stream sequence of the accepted outcome in FLEET_RESULTS."""
     blobs: list[str] = []
     """Object-store names this task's payloads use (deleted with the job)."""
+    retry: RetryPolicy | None = None
+    """The task's retry budgets when they differ from the defaults."""
 
 
 class JobRecord(Record):
@@ -331,6 +333,8 @@ class JobRecord(Record):
     updated_at: Time
     finished_at: Time | None = None
     cancelled: bool = False
+    retried_at: Time | None = None
+    """``at`` of the last retry request applied (an older or repeated one is ignored)."""
 
     @property
     def done(self) -> int:

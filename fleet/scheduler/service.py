@@ -1,15 +1,15 @@
 """The scheduler service: the I/O shell around :class:`fleet.core.ledger.Ledger`.
 
-Three inputs, each pulled in batches: the intake stream (job declarations, submissions, retries,
-cancels), the reports stream (workers' start and done reports) and worker heartbeats (core NATS).
-For every batch it asks the ledger what to do, publishes the resulting records (bounded async
-windows, one wait for the whole batch), and only then acknowledges the inputs. A crash therefore
-loses nothing: inputs not yet acknowledged are redelivered, and the ledger ignores what it has
-already applied.
+Inputs, each pulled in batches by its own fetcher: submissions (``scheduler-intake``), job
+declarations, cancels and retry requests (``scheduler-control``: they never wait behind a backlog
+of submissions), workers' start and done reports (``scheduler-reports``), and heartbeats (core-NATS
+requests, answered at once with fences). One engine applies the batches one at a time: the ledger
+decides, :class:`fleet.scheduler.apply.Applier` stores the effects (retrying until they are
+stored), and only then are the inputs acknowledged. So a crash loses nothing: unacknowledged
+inputs come back and are applied again to the state of record, and every effect is idempotent.
 
-State lives in JetStream, not in this process: task states are the last ``state`` event per task
-in FLEET_EVENTS, job summaries are in the ``fleet_jobs`` KV bucket. On start the scheduler rebuilds
-its ledger from both (:meth:`Scheduler.recover`).
+A clock tick (every ``flush_s``) requeues the tasks of workers whose heartbeats stopped, dispatches
+retries that are due, and, more rarely, prunes memory and archives old finished jobs.
 """
 
 from __future__ import annotations
@@ -18,37 +18,41 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import FetchTimeoutError, KeyNotFoundError
+from nats.js.errors import FetchTimeoutError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker import names, reader
+from broker import names
 from broker.codec import DecodeError
 from broker.connection import connect, shutdown
 from broker.provision import BusConfig, ensure_bus
 from broker.publisher import Publisher
-from fleet.core.ledger import Broadcast, Defer, Effect, Ledger, Publish, Purge
+from fleet.core.effects import Effect
+from fleet.core.ledger import Ledger
 from fleet.core.liveness import WorkerTable
 from fleet.core.records import (
     CancelRequest,
     DoneReport,
     Heartbeat,
+    HeartbeatReply,
     InvalidRecord,
-    JobRecord,
     JobSpec,
+    RetryRequest,
     StartReport,
     TaskEnvelope,
-    TaskEvent,
 )
+from fleet.scheduler import recovery
+from fleet.scheduler.apply import Applier
+from fleet.scheduler.faults import Faults
 
 log = logging.getLogger("fleet.scheduler")
 
-Handled = tuple[list[Effect], float | None]
-"""What handling one input gives: the effects, and a delay when the input must wait (NAK)."""
+Handler = Callable[[Msg, float], Awaitable[list[Effect]]]
+DAY = 24 * 3600.0
 
 
 class SchedulerSettings(BaseSettings):
@@ -57,12 +61,15 @@ class SchedulerSettings(BaseSettings):
     batch: int = 512
     """Most messages pulled from one input per round."""
     flush_s: float = 0.25
-    """How often job summaries are written and lost workers are looked for."""
-    missed_heartbeats: float = 3.0
-    """A worker is lost after this many heartbeat intervals without one."""
+    """How often lost workers and due retries are looked for."""
+    missed_heartbeats: float = 2.5
+    """A worker is lost after this many heartbeat intervals without one (2.5 s at 1 s heartbeats)."""
     keep_finished_s: float = 600.0
-    """How long a finished job's tasks stay in memory (history stays in the streams)."""
+    """How long a finished job's task entries stay in memory (their records stay in JetStream)."""
+    archive_after_s: float = 7 * DAY
+    """Finished jobs are archived (records, inputs, results, events and blobs removed) after this."""
     history_s: float = 72 * 3600.0
+    """Age limit of the event history (progress, logs, state history, job events)."""
 
 
 class Scheduler:
@@ -74,186 +81,216 @@ class Scheduler:
         self.clock = clock
         self.ledger = Ledger()
         self.workers = WorkerTable(missed=self.s.missed_heartbeats)
+        self.faults = Faults.from_env()
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.nc: NATS | None = None
+        self.inbox: asyncio.Queue[tuple[Handler, list[Msg], asyncio.Event]] = asyncio.Queue()
+        self._current: list[Msg] = []
+        self._wpi_at = 0.0
+        self._reports_idle_at = time.monotonic()
+        self._last_tick = time.monotonic()
+        self._slow_at = 0.0
+        self.stale_heartbeats = 0
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def run(self) -> None:
-        self.nc = nc = await connect(self.url, name="fleet-scheduler")
-        js = nc.jetstream()
+        self.nc = nc = await connect(self.url, name="fleet-scheduler", on_reconnected=self._reconnected)
+        self.js = js = nc.jetstream()
         await ensure_bus(js, BusConfig(history_s=self.s.history_s), authoritative=True)
-        self.js = js
-        self.pub = Publisher(js)
-        self.kv = await js.key_value(names.JOBS_BUCKET)
-        await self.recover()
-        intake = await js.pull_subscribe_bind(names.INTAKE_CONSUMER, stream=names.INTAKE_STREAM)
-        reports = await js.pull_subscribe_bind(names.REPORTS_CONSUMER, stream=names.REPORTS_STREAM)
+        self.pub = Publisher(nc)
+        self.applier = Applier(nc, js, self.pub, self.ledger, self.clock, self.faults, self._keep_inputs)
+        effects = await self.applier.durably(
+            "recovery", lambda: recovery.recover(js, self.ledger, self.clock())
+        )
+        for worker_id in self.ledger.holders():
+            self.workers.seed(worker_id, time.monotonic())
+        await self.applier.apply(effects)
+        await recovery.release_inputs(js)
+        subs = [
+            (await js.pull_subscribe_bind(c, stream=s), h)
+            for c, s, h in (
+                (names.CONTROL_CONSUMER, names.INTAKE_STREAM, self._on_control),
+                (names.INTAKE_CONSUMER, names.INTAKE_STREAM, self._on_intake),
+                (names.REPORTS_CONSUMER, names.REPORTS_STREAM, self._on_report),
+            )
+        ]
         hb_sub = await nc.subscribe(names.HEARTBEATS, cb=self._on_heartbeat)
         log.info("scheduler ready on %s", self.url)
         try:
             async with asyncio.TaskGroup() as tg:
-                loops = [
-                    tg.create_task(self._pull_loop(intake, self._on_intake)),
-                    tg.create_task(self._pull_loop(reports, self._on_report)),
-                    tg.create_task(self._housekeeping()),
-                ]
+                loops = [tg.create_task(self._fetch(p, h)) for p, h in subs]
+                loops.append(tg.create_task(self._engine()))
                 self.ready.set()
                 await self.stopping.wait()
                 for t in loops:
                     t.cancel()
-            await self._flush_jobs()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.applier.flush_records(), 5.0)
         finally:
             with contextlib.suppress(Exception):
                 await hb_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await shutdown(nc)
 
-    # -- recovery ------------------------------------------------------------------------------------
-    async def recover(self) -> None:
-        """Rebuild the ledger: job records from KV, task states from the last state events."""
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            keys = []
-        restored = 0
-        for key in keys:
-            try:
-                entry = await self.kv.get(key)
-                record = JobRecord.from_wire(entry.value or b"")
-            except (KeyNotFoundError, ValueError) as exc:
-                log.warning("skipping job record %s: %s", key, exc)
-                continue
-            if record.finished:
-                continue
-            self.ledger.restore_job(record)
-            async for msg in reader.replay(
-                self.js, names.EVENTS_STREAM, names.job_states_filter(record.job_id), last_per_subject=True
-            ):
-                with contextlib.suppress(ValueError):
-                    self.ledger.restore_task(TaskEvent.from_wire(msg.data))
-                    restored += 1
-        if restored:
-            log.info("recovered %d task states", restored)
+    async def _reconnected(self) -> None:
+        self.workers.refresh(time.monotonic())  # nobody is blamed for our own outage
 
-    # -- input loops ---------------------------------------------------------------------------------
-    async def _pull_loop(
-        self, psub: JetStreamContext.PullSubscription, handle: Callable[[Msg, float], Handled]
-    ) -> None:
+    # -- the engine ---------------------------------------------------------------------------------
+    async def _fetch(self, psub: JetStreamContext.PullSubscription, handle: Handler) -> None:
+        reports = handle == self._on_report
         while True:
             try:
                 msgs = await psub.fetch(self.s.batch, timeout=1.0)
             except (TimeoutError, FetchTimeoutError):
+                if reports:
+                    self._reports_idle_at = time.monotonic()
                 continue
-            effects: list[Effect] = []
-            done: list[tuple[Msg, float | None]] = []
-            now = self.clock()
-            for msg in msgs:
-                try:
-                    out, delay = handle(msg, now)
-                except Exception as exc:  # never let one message stop the service
-                    log.exception("error handling %s", msg.subject)
-                    out = self.ledger.dead_letter(
-                        "scheduler", msg.subject, f"internal error: {exc}", msg.data, now
-                    )
-                    delay = None
-                effects += out
-                done.append((msg, delay))
+            except Exception as exc:  # disconnected, leader election: the client reconnects by itself
+                log.warning("fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if reports and len(msgs) < self.s.batch:
+                self._reports_idle_at = time.monotonic()
+            done = asyncio.Event()
+            await self.inbox.put((handle, msgs, done))
+            await done.wait()
+
+    async def _engine(self) -> None:
+        next_tick = time.monotonic()
+        while True:
             try:
-                await self._apply(effects)
-                await self._flush_jobs()  # job records are durable before their inputs are acked
-            except Exception:
-                # not acked: JetStream redelivers these inputs and the ledger ignores what it applied
-                log.exception("publishing effects failed; %d inputs will be redelivered", len(done))
-                continue
-            for msg, delay in done:
-                if delay is None:
-                    await msg.ack()
-                else:
-                    await msg.nak(delay=delay)
+                item = await asyncio.wait_for(self.inbox.get(), max(0.0, next_tick - time.monotonic()))
+            except TimeoutError:
+                item = None
+            if item is not None:
+                handle, msgs, done = item
+                try:
+                    await self._process(handle, msgs)
+                finally:
+                    done.set()
+            if time.monotonic() >= next_tick:
+                await self._tick()
+                next_tick = time.monotonic() + self.s.flush_s
 
-    def _on_intake(self, msg: Msg, now: float) -> Handled:
-        tokens = msg.subject.split(".")
-        kind = tokens[2] if len(tokens) > 2 else ""
-        try:
-            if kind == "job":
-                return self.ledger.declare(JobSpec.from_wire(msg.data), now), None
-            if kind in ("task", "retry"):
-                env = TaskEnvelope.from_wire(msg.data)
-                if tokens[3:5] != [env.job_id, env.task_id]:
-                    raise InvalidRecord(
-                        f"subject {msg.subject} does not match job {env.job_id!r} task {env.task_id!r}"
-                    )
-                decision, out = self.ledger.admit(env, now)
-                return out, max(0.001, decision.delay_s) if isinstance(decision, Defer) else None
-            if kind == "cancel":
-                return self.ledger.cancel(CancelRequest.from_wire(msg.data), now), None
-            raise InvalidRecord(f"unknown intake subject {msg.subject}")
-        except (DecodeError, InvalidRecord) as exc:
-            log.warning("rejected input on %s: %s", msg.subject, exc)
-            return self.ledger.dead_letter("intake", msg.subject, str(exc), msg.data, now), None
+    async def _process(self, handle: Handler, msgs: list[Msg]) -> None:
+        now = self.clock()
+        effects: list[Effect] = []
+        self._current, self._wpi_at = msgs, time.monotonic()
+        for msg in msgs:
+            try:
+                effects += await handle(msg, now)
+            except (DecodeError, InvalidRecord) as exc:
+                log.warning("rejected input on %s: %s", msg.subject, exc)
+                origin = "reports" if msg.subject.startswith(names.PREFIX + ".report.") else "intake"
+                effects += self.ledger.dead_letter(origin, msg.subject, str(exc), msg.data, now)
+            except Exception as exc:  # never let one message stop the service
+                log.exception("error handling %s", msg.subject)
+                effects += self.ledger.dead_letter(
+                    "scheduler", msg.subject, f"internal error: {exc}", msg.data, now
+                )
+        await self.applier.apply(effects)  # retries until stored
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+        self._current = []
 
-    def _on_report(self, msg: Msg, now: float) -> Handled:
-        tokens = msg.subject.split(".")
-        try:
-            if tokens[2:3] == ["start"]:
-                return self.ledger.started(StartReport.from_wire(msg.data), now), None
-            if tokens[2:3] == ["done"]:
-                out, _ = self.ledger.done(DoneReport.from_wire(msg.data), now)
-                return out, None
+    async def _keep_inputs(self) -> None:
+        """While effects are being retried, keep the inputs that caused them from being redelivered."""
+        if time.monotonic() - self._wpi_at < 20.0:
+            return
+        self._wpi_at = time.monotonic()
+        for msg in self._current:
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _tick(self) -> None:
+        mono, now = time.monotonic(), self.clock()
+        lag = mono - self._last_tick - self.s.flush_s
+        if lag > 1.0:  # our loop was stalled: heartbeats could not be heard meanwhile
+            log.warning("scheduler loop stalled for %.1fs; extending worker deadlines", lag)
+            self.workers.grace(lag)
+        self._last_tick = mono
+        effects: list[Effect] = []
+        if mono - self._reports_idle_at < 5.0:  # reports caught up: a dead worker's last words are in
+            for lost in self.workers.expire(mono):
+                held = self.ledger.held_by(lost.worker_id)
+                log.warning(
+                    "worker %s lost (no heartbeat for %.1fs); requeueing %d tasks",
+                    lost.worker_id,
+                    mono - lost.last_seen,
+                    len(held),
+                )
+                effects += self.ledger.worker_lost(lost.worker_id, now)
+        effects += self.ledger.tick(now)
+        if mono >= self._slow_at:
+            self._slow_at = mono + 30.0
+            effects += self.ledger.archive_due(now, self.s.archive_after_s)
+            self.ledger.prune(now, self.s.keep_finished_s)
+            await recovery.check_limits(self.js)
+        await self.applier.apply(effects)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    async def _on_intake(self, msg: Msg, now: float) -> list[Effect]:
+        env = TaskEnvelope.from_wire(msg.data)
+        _expect(msg.subject, names.intake_task(env.job_id, env.task_id))
+        if self.ledger.is_pruned(env.job_id) and self.ledger.task(env.job_id, env.task_id) is None:
+            await recovery.lookup_task(self.js, self.ledger, env.job_id, env.task_id)
+        return self.ledger.admit(env, now, intake_seq=msg.metadata.sequence.stream)
+
+    async def _on_control(self, msg: Msg, now: float) -> list[Effect]:
+        kind = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else ""
+        if kind == "job":
+            spec = JobSpec.from_wire(msg.data)
+            _expect(msg.subject, names.intake_job(spec.job_id))
+            return self.ledger.declare(spec, now)
+        if kind == "cancel":
+            req = CancelRequest.from_wire(msg.data)
+            _expect(msg.subject, names.intake_cancel(req.job_id, req.task_id))
+            return self.ledger.cancel(req, now)
+        if kind == "retry":
+            retry = RetryRequest.from_wire(msg.data)
+            _expect(msg.subject, names.intake_retry(retry.job_id, retry.request_id))
+            if self.ledger.is_pruned(retry.job_id):
+                await recovery.reload_job(self.js, self.ledger, retry.job_id)
+            return self.ledger.retry_request(retry, now)
+        raise InvalidRecord(f"unknown control subject {msg.subject}")
+
+    async def _on_report(self, msg: Msg, now: float) -> list[Effect]:
+        kind = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else ""
+        if kind == "start":
+            start = StartReport.from_wire(msg.data)
+            _expect(msg.subject, names.report_start(start.worker_id))
+            return self.ledger.started(start, now)
+        if kind != "done":
             raise InvalidRecord(f"unknown report subject {msg.subject}")
-        except (DecodeError, InvalidRecord) as exc:
-            log.warning("rejected report on %s: %s", msg.subject, exc)
-            return self.ledger.dead_letter("reports", msg.subject, str(exc), msg.data, now), None
+        done = DoneReport.from_wire(msg.data)
+        _expect(msg.subject, names.report_done(done.job_id, done.task_id))
+        return self.ledger.done(done, now, raw=msg.data)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             hb = Heartbeat.from_wire(msg.data)
+            _expect(msg.subject, names.heartbeat_subject(hb.worker_id))
         except ValueError as exc:
             log.warning("ignoring malformed heartbeat on %s: %s", msg.subject, exc)
             return
-        self.workers.beat(hb, self.clock())
-
-    # -- effects -------------------------------------------------------------------------------------
-    async def _apply(self, effects: Sequence[Effect]) -> None:
-        batch: list[tuple[str, bytes, str | None]] = []
-        for eff in effects:
-            if isinstance(eff, Publish):
-                batch.append((eff.subject, eff.record.to_wire(), eff.msg_id))
-                continue
-            if batch:
-                await self.pub.publish_many(batch)
-                batch = []
-            if isinstance(eff, Purge):
-                await self.js.purge_stream(names.TASKS_STREAM, subject=eff.subject)
-            elif isinstance(eff, Broadcast):
+        known = self.workers.beat(hb, time.monotonic())
+        fences = self.ledger.heartbeat_fences(hb)
+        if fences:
+            log.info("fencing %d deliveries of worker %s", len(fences), hb.worker_id)
+        if msg.reply:
+            with contextlib.suppress(Exception):
                 assert self.nc is not None
-                await self.nc.publish(eff.subject, eff.record.to_wire())
-        if batch:
-            await self.pub.publish_many(batch)
+                await self.nc.publish(msg.reply, HeartbeatReply(fence=fences, known=known).to_wire())
 
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(self.s.flush_s)
-            now = self.clock()
-            try:
-                for lost in self.workers.expire(now):
-                    log.warning(
-                        "worker %s lost (no heartbeat for %.1fs)", lost.worker_id, now - lost.last_seen
-                    )
-                    await self._apply(self.ledger.worker_lost(lost, now))
-                await self._flush_jobs()
-            except Exception:  # transient (leader election, disconnect): try again next round
-                log.exception("housekeeping failed")
-            self.ledger.prune(now, self.s.keep_finished_s)
 
-    async def _flush_jobs(self) -> None:
-        for record in self.ledger.take_dirty():
-            data = record.to_wire()
-            await self.kv.put(record.job_id, data)
-            await self.pub.fire(names.job_event_subject(record.job_id), data)
+def _expect(subject: str, want: str) -> None:
+    """The subject and the body must name the same job, task or worker (no spoofing by body)."""
+    if subject != want:
+        raise InvalidRecord(f"subject {subject} does not match its body (expected {want})")
 
 
 async def serve(url: str, settings: SchedulerSettings) -> None:

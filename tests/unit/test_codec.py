@@ -204,13 +204,24 @@ def test_decode_value_honours_declared_size() -> None:
     assert codec.decode_value(_frame_declaring(1), ENC_ZSTD) == []  # 0x90: an empty msgpack array
 
 
-@pytest.mark.parametrize("size", [MAX_DECODED + 1, 1 << 40])
-def test_decode_value_refuses_frames_declaring_more_than_max_decoded(size: int) -> None:
+@pytest.mark.parametrize("size", [codec.MIN_LIMIT + 1, MAX_DECODED + 1, 1 << 40])
+def test_decode_value_refuses_frames_declaring_more_than_the_limit(size: int) -> None:
     # checked before anything is allocated: a 16-byte frame must not make the decoder reserve 1 TiB
-    with pytest.raises(
-        DecodeError, match=f"declares {size} bytes uncompressed, over the {MAX_DECODED}-byte limit"
-    ):
+    with pytest.raises(DecodeError, match=f"declares {size} bytes uncompressed from 17: over the"):
         codec.decode_value(_frame_declaring(size), ENC_ZSTD)
+
+
+def test_a_zstd_bomb_is_refused_not_inflated() -> None:
+    # the fault audit's case: about 32 KB of zstd that inflates to gigabytes
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\x00" * (1 << 30))
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(DecodeError, match="over the"):
+        codec.decode_value(bomb, ENC_ZSTD)
+
+
+def test_legitimate_large_payloads_still_inflate() -> None:
+    data, enc, _ = codec.encode_value(list(range(300_000)))  # about 1.5 MB, compresses well
+    assert enc == ENC_ZSTD and codec.decode_value(data, enc) == list(range(300_000))
 
 
 # ---- content addresses ---------------------------------------------------------------------------------
