@@ -37,6 +37,7 @@ MIN_LIMIT = 16 << 20
 def inflate_limit(compressed: int) -> int:
     return min(MAX_DECODED, max(MIN_LIMIT, MAX_RATIO * compressed))
 
+
 _ZSTD_LEVEL = 3
 
 

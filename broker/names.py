@@ -15,7 +15,7 @@ subject                                    stream              what travels on i
 ``fleet.report.done.<job>.<task>``         FLEET_REPORTS       the outcome of one delivery
 ``fleet.state.<job>.<task>``               FLEET_STATE (1/s)   the task's state of record (TaskRecord)
 ``fleet.result.<job>.<task>``              FLEET_RESULTS (1/s) the accepted outcome (a DoneReport)
-``fleet.event.<job>.<task>.<kind>``        FLEET_EVENTS        history: progress, log, state (sourced)
+``fleet.event.<job>.<task>.<kind>``        FLEET_EVENTS        history: progress, log, state (republished)
 ``fleet.event.<job>.job``                  FLEET_EVENTS        job-level summary (counts by state)
 ``fleet.dlq.<origin>``                     FLEET_DLQ           undecodable or rejected input
 ``fleet.dlq.task.<job>.<task>``            FLEET_DLQ           a task that ended dead, and why
@@ -178,7 +178,7 @@ STATE_TO_EVENT = (
     f"{PREFIX}.state.*.*",
     f"{PREFIX}.event.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{EVENT_STATE}",
 )
-"""Subject transform that copies every state of record into the history (stream sourcing)."""
+"""RePublish mapping that copies every stored state of record into the history, in order."""
 
 
 def event_subject(job: str, task: str, kind: str) -> str:
@@ -191,6 +191,11 @@ def job_event_subject(job: str) -> str:
 
 def job_events_filter(job: str) -> str:
     return f"{PREFIX}.event.{job}.>"
+
+
+def job_state_history_filter(job: str) -> str:
+    """Every state change of a job's tasks, in the history."""
+    return f"{PREFIX}.event.{job}.*.{EVENT_STATE}"
 
 
 def task_events_filter(job: str, task: str) -> str:
@@ -259,8 +264,8 @@ def msgid_state(job: str, task: str, rev: int) -> str:
     return f"state:{job}/{task}:{rev}"
 
 
-def msgid_result(job: str, task: str) -> str:
-    return f"result:{job}/{task}"
+def msgid_result(job: str, task: str, attempt: int) -> str:
+    return f"result:{job}/{task}:{attempt}"
 
 
 def msgid_start(worker: str, token: int) -> str:
@@ -272,8 +277,8 @@ def msgid_done(job: str, task: str, token: int) -> str:
     return f"done:{job}/{task}:{token}"
 
 
-def msgid_dead(job: str, task: str) -> str:
-    return f"dead:{job}/{task}"
+def msgid_dead(job: str, task: str, attempt: int, dispatch: int) -> str:
+    return f"dead:{job}/{task}:{attempt}.{dispatch}"
 
 
 # ---- parsing --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Idempotent creation of every stream, consumer, KV bucket and object store fleet uses.
 
 Safe to call from every process at start-up: objects that exist are left as they are unless a
-setting that fleet owns (history limits, subjects, sources) differs and the caller is the
+setting that fleet owns (history limits, subjects, the state republish) differs and the caller is the
 scheduler, in which case the current config is read, changed and written back (never a fresh
 config: jetstream.md pitfall 27). A stream whose retention differs from what this version needs
 (a store made by an older fleet) is an error that says so.
@@ -68,10 +68,8 @@ def _stream(
 def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
     wq, limits = api.RetentionPolicy.WORK_QUEUE, api.RetentionPolicy.LIMITS
     old, new = api.DiscardPolicy.OLD, api.DiscardPolicy.NEW
-    state_src = api.StreamSource(
-        name=names.STATE_STREAM,
-        subject_transforms=[api.SubjectTransform(src=names.STATE_TO_EVENT[0], dest=names.STATE_TO_EVENT[1])],
-    )
+    # every stored state of record is republished, in order, onto its history subject in FLEET_EVENTS
+    history = api.RePublish(src=names.STATE_TO_EVENT[0], dest=names.STATE_TO_EVENT[1])
     return [
         # the task store: one message per subject, a resubmission is refused (never replaces)
         _stream(
@@ -85,7 +83,15 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
         ),
         _stream(names.TASKS_STREAM, [names.TASKS_SUBJECTS], wq, cfg, discard=old),
         _stream(names.REPORTS_STREAM, [names.REPORTS_SUBJECTS], wq, cfg, discard=old),
-        _stream(names.STATE_STREAM, [names.STATE_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1),
+        _stream(
+            names.STATE_STREAM,
+            [names.STATE_SUBJECTS],
+            limits,
+            cfg,
+            discard=old,
+            max_msgs_per_subject=1,
+            republish=history,
+        ),
         _stream(
             names.RESULTS_STREAM, [names.RESULTS_SUBJECTS], limits, cfg, discard=old, max_msgs_per_subject=1
         ),
@@ -97,7 +103,6 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
             discard=old,
             max_age=cfg.history_s,
             max_bytes=cfg.history_bytes,
-            sources=[state_src],
         ),
         _stream(
             names.DLQ_STREAM,
@@ -112,8 +117,8 @@ def stream_configs(cfg: BusConfig) -> list[api.StreamConfig]:
 
 
 def _owned(c: api.StreamConfig) -> tuple[object, ...]:
-    srcs = tuple(s.name for s in c.sources or [])
-    return (c.max_age or 0.0, c.max_bytes or -1, tuple(c.subjects or []), srcs)
+    rp = (c.republish.src, c.republish.dest) if c.republish else None
+    return (c.max_age or 0.0, c.max_bytes or -1, tuple(c.subjects or []), rp)
 
 
 async def ensure_stream(js: JetStreamContext, want: api.StreamConfig, *, authoritative: bool = False) -> None:
@@ -135,7 +140,7 @@ async def ensure_stream(js: JetStreamContext, want: api.StreamConfig, *, authori
         )
     if authoritative and _owned(have) != _owned(want):
         have.max_age, have.max_bytes, have.subjects = want.max_age, want.max_bytes, want.subjects
-        have.sources = want.sources
+        have.republish = want.republish
         await js.update_stream(have)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
@@ -57,7 +58,8 @@ async def replay(
             if msg.metadata.num_pending == 0:
                 return
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):  # the connection may be gone already
+            await sub.unsubscribe()
 
 
 async def count(js: JetStreamContext, stream: str, subject: str) -> int:

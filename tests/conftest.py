@@ -4,7 +4,7 @@
   free ports with its JetStream store in ``tmp_path``; stopped after the test.
 * ``stack``: a :class:`Stack` bound to that server. ``await stack.up(workers=2)`` starts a
   scheduler and in-process workers as tasks of the test's event loop (short intervals: heartbeat
-  0.2 s, lease 1 s, flush 0.05 s) and connects ``stack.client``; everything is stopped at teardown.
+  0.25 s, lease 1 s, flush 0.05 s, a worker lost after 4 missed heartbeats) and connects ``stack.client``; everything is stopped at teardown.
 * ``spawn_worker``: starts ``python -m clients.cli.main worker ...`` subprocesses (for kill -9
   tests); every one still alive is killed at teardown.
 
@@ -38,8 +38,11 @@ from clients.sdk.client import FleetClient  # noqa: E402
 from fleet.scheduler.service import Scheduler, SchedulerSettings  # noqa: E402
 from fleet.worker.runtime import Worker, WorkerSettings  # noqa: E402
 
-HEARTBEAT_S = 0.2
+HEARTBEAT_S = 0.25
 LEASE_S = 1.0
+MISSED = 4.0
+"""The scheduler's liveness deadline in tests: 4 heartbeats (1 s), looser than production's 2.5,
+so a loaded CI machine does not declare a busy in-process worker lost."""
 FLUSH_S = 0.05
 POLL_S = 0.05
 
@@ -140,7 +143,9 @@ class Stack:
 
     async def start_scheduler(self, **settings: Any) -> Scheduler:
         assert self.scheduler is None, "a scheduler is already running"
-        sched = Scheduler(self.url, SchedulerSettings(**{"flush_s": FLUSH_S, **settings}))
+        sched = Scheduler(
+            self.url, SchedulerSettings(**{"flush_s": FLUSH_S, "missed_heartbeats": MISSED, **settings})
+        )
         self._scheduler_task = await _start(sched.run(), sched.ready, "scheduler")
         self.scheduler = sched
         return sched

@@ -63,8 +63,8 @@ def up(
     nats: NatsOpt = None,
     workers: Annotated[int, typer.Option(help="Local worker processes to start.")] = 2,
     concurrency: Annotated[int, typer.Option(help="Slots per worker.")] = 4,
-    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval (s).")] = 2.0,
-    lease: Annotated[float, typer.Option(help="Lease (AckWait, s) when the queue is created.")] = 10.0,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval (s).")] = 1.0,
+    lease: Annotated[float, typer.Option(help="Lease (AckWait, s) when the queue is created.")] = 60.0,
     store: Annotated[Path, typer.Option(help="Embedded JetStream store.")] = stack.STATE_DIR / "data",
     verbose: bool = False,
 ) -> None:
@@ -108,14 +108,27 @@ def worker(
     queue: str = "default",
     concurrency: Annotated[int, typer.Option(min=1)] = 4,
     executor: Annotated[str, typer.Option(help="thread or process, for blocking handlers.")] = "thread",
-    heartbeat: float = 2.0,
-    lease: float = 10.0,
-    grace: Annotated[float, typer.Option(help="Seconds to finish running tasks on SIGTERM.")] = 30.0,
+    heartbeat: Annotated[float, typer.Option(min=0.01, help="Heartbeat interval (s).")] = 1.0,
+    lease: Annotated[
+        float | None,
+        typer.Option(min=0.1, show_default="60", help="Lease (AckWait, s) if this worker creates the queue."),
+    ] = None,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds to finish running tasks on SIGTERM.")] = 30.0,
     worker_id: Annotated[str | None, typer.Option("--id")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="PREFIX",
+            help="Only run handlers whose module is PREFIX or under it (repeatable). "
+            "Default: anything but the standard library.",
+        ),
+    ] = None,
     path: Annotated[list[Path] | None, typer.Option(help="Add to sys.path for handler imports.")] = None,
     verbose: bool = False,
 ) -> None:
     """Run one worker: pull tasks of QUEUE and run them."""
+    from broker.provision import DEFAULT_LEASE_S
     from fleet.worker.runtime import WorkerSettings, serve
 
     _logging(verbose)
@@ -128,9 +141,10 @@ def worker(
         concurrency=concurrency,
         executor=executor,
         heartbeat_s=heartbeat,
-        lease_s=lease,
+        lease_s=lease if lease is not None else DEFAULT_LEASE_S,
         grace_s=grace,
         worker_id=worker_id or "",
+        allow=list(allow or []),
     )
     asyncio.run(serve(url, settings))
 
@@ -257,6 +271,88 @@ def cancel(job: str, task: Annotated[str | None, typer.Option()] = None, nats: N
 
 
 @app.command()
+def retry(
+    job: str,
+    errors: Annotated[
+        list[str] | None,
+        typer.Option("--errors", help="Only tasks whose last failure is of this class (repeatable)."),
+    ] = None,
+    include_dead: Annotated[bool, typer.Option("--include-dead", help="Also re-run dead tasks.")] = False,
+    nats: NatsOpt = None,
+) -> None:
+    """Re-run the failed tasks of JOB (classes: error timeout killed lost preempted infra invalid)."""
+    from fleet.core.failures import FailureClass
+
+    known = {str(c) for c in FailureClass}
+    bad = [e for e in errors or [] if e not in known]
+    if bad:
+        _fail(f"unknown failure class {bad[0]!r}; use one of: {', '.join(sorted(known))}", 2)
+    url = _url_or_fail(nats)
+
+    async def go() -> str:
+        async with await FleetClient.connect(url) as fleet:
+            if await fleet.job(job) is None:
+                raise FleetClientError(f"no job {job!r}")
+            return await fleet.retry(job, failures=errors or None, include_dead=include_dead)
+
+    request = _run(go)
+    err.print(f"retry requested for {job} ({request})")
+
+
+dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    job: Annotated[str | None, typer.Argument()] = None,
+    nats: NatsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Dead letters (of JOB's tasks, or all of them), oldest first."""
+    url = _url_or_fail(nats)
+
+    async def go() -> list[Any]:
+        async with await FleetClient.connect(url) as fleet:
+            return [d async for d in fleet.dead_letters(job)]
+
+    letters = _run(go)
+    if as_json:
+        print(json.dumps([views.letter_json(d) for d in letters], indent=2))
+    else:
+        Console().print(views.letters_table(letters))
+
+
+@dlq_app.command("show")
+def dlq_show(job: str, task: str, nats: NatsOpt = None) -> None:
+    """One task's dead letter, as JSON."""
+    url = _url_or_fail(nats)
+
+    async def go() -> Any:
+        async with await FleetClient.connect(url) as fleet:
+            letter = await fleet.dead_letter(job, task)
+            if letter is None:
+                raise FleetClientError(f"no dead letter for {job}/{task}")
+            return letter
+
+    print(json.dumps(views.letter_json(_run(go), raw=True), indent=2))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    job: str, tasks: Annotated[list[str] | None, typer.Argument()] = None, nats: NatsOpt = None
+) -> None:
+    """Run JOB's dead tasks again (all of them, or the TASKS named)."""
+    url = _url_or_fail(nats)
+
+    async def go() -> str:
+        async with await FleetClient.connect(url) as fleet:
+            return await fleet.retry(job, include_dead=True, task_ids=tasks or None)
+
+    err.print(f"replay requested for {job} ({_run(go)})")
+
+
+@app.command()
 def demo(
     workers: int = 3,
     points: int = 2000,
@@ -290,6 +386,36 @@ def bench_bare_worker(nats: str, batch: int = 256) -> None:
     from clients.cli.bench import bare_worker
 
     asyncio.run(bare_worker(nats, batch))
+
+
+@app.command()
+def chaos(
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of each fault.")] = 20,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fault",
+            help="Only this fault (repeatable): kill-worker stop-worker drain-worker kill-nats "
+            "kill-scheduler publish-faults poison block.",
+        ),
+    ] = None,
+    tasks: Annotated[int, typer.Option(min=1, help="fenced_commit tasks per round.")] = 60,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where every process logs (default: a new temporary directory).")
+    ] = None,
+) -> None:
+    """Break a real fleet (kill -9, SIGSTOP, SIGTERM, server and scheduler crashes, publish faults,
+    poison, blocking handlers) and check that no task is lost and none is committed twice."""
+    import tempfile
+
+    from clients.cli.chaos import Options, run_chaos
+
+    where = workdir or Path(tempfile.mkdtemp(prefix="fleet-chaos-"))
+    try:
+        code = run_chaos(rounds, fault, where, options=Options(tasks=tasks))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -57,7 +57,10 @@ def worker_cmd(
     lease: float | None = None,
     worker_id: str | None = None,
     executor: str = "thread",
+    grace: float | None = None,
+    allow: list[str] | None = None,
 ) -> list[str]:
+    """argv of a ``fleet worker`` child; options left None take the worker's defaults."""
     cmd = [
         sys.executable,
         "-m",
@@ -76,8 +79,12 @@ def worker_cmd(
         cmd += ["--heartbeat", str(heartbeat)]
     if lease is not None:
         cmd += ["--lease", str(lease)]
+    if grace is not None:
+        cmd += ["--grace", str(grace)]
     if worker_id:
         cmd += ["--id", worker_id]
+    for prefix in allow or []:
+        cmd += ["--allow", prefix]
     return cmd
 
 

@@ -530,7 +530,8 @@ def valid_vectors() -> list[dict[str, Any]]:
                         reason="superseded by a newer dispatch",
                         ack=True,
                     )
-                ]
+                ],
+                confirmed=[21002],
             ),
         ),
         valid(

@@ -40,6 +40,7 @@ class SaveResult:
 
     job_id: str
     task_id: str
+    attempt: int
     raw: bytes
 
 

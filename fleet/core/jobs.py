@@ -68,9 +68,13 @@ class JobStats:
 
         A job with a declared total finishes when that many tasks are terminal. One whose total is
         unknown finishes only through :meth:`settle` (idle, every task terminal)."""
-        complete = self.total is not None and self.done >= self.total and self.submitted >= self.total
+        complete = self.total is not None and self.done >= self.submitted >= self.total
         all_in = self.total is not None and self.submitted >= self.total
-        settled = self.finished_at is not None and self.done >= self.submitted and (self.total is None or self.cancelled)
+        settled = (
+            self.finished_at is not None
+            and self.done >= self.submitted
+            and (self.total is None or self.cancelled)
+        )
         finished = complete or settled or (self.cancelled and all_in and self.done >= self.submitted)
         before = self.finished_at
         if finished:

@@ -125,7 +125,7 @@ class Ledger:
         if entry.state != TaskState.QUEUED and not self._move(entry, TaskState.QUEUED, now, entry.reason):
             return []
         entry.dispatch += 1
-        entry.seq, entry.token = None, None
+        entry.pending, entry.token = True, None
         self._touch(entry, self.job(entry.job_id, now), now)
         return [
             Dispatch(
@@ -136,8 +136,8 @@ class Ledger:
     def dispatched(self, job_id: str, task_id: str, dispatch: int, seq: int) -> None:
         """The shell stored dispatch number ``dispatch`` as stream sequence ``seq``."""
         entry = self.task(job_id, task_id)
-        if entry is not None and entry.dispatch == dispatch and entry.state == TaskState.QUEUED:
-            entry.seq = seq
+        if entry is not None and entry.dispatch == dispatch and entry.pending:
+            entry.seq, entry.pending = seq, False
             self._dirty_tasks[entry.key] = entry
 
     def _arm(self, entry: TaskEntry, at: float) -> None:
@@ -178,6 +178,8 @@ class Ledger:
         """Input that can never run: the task ends DEAD with the reason."""
         job = self.job(job_id, now)
         entry = job.tasks.get(task_id) or self._new_entry(job, task_id)
+        if entry.state in TERMINAL:
+            return []  # its outcome is final: the input is only dead-lettered
         entry.failure = FailureClass.INVALID
         self._move(entry, TaskState.DEAD, now, reason)
         return []
@@ -189,6 +191,8 @@ class Ledger:
             job.cancelled = True
             targets: Iterable[TaskEntry] = list(job.tasks.values())
             out.append(Purge(names.TASKS_STREAM, names.job_tasks_filter(req.job_id)))
+        elif job.pruned and req.task_id not in job.tasks:
+            return out  # the job finished long ago: its tasks are all terminal
         else:
             entry = job.tasks.get(req.task_id) or self._new_entry(job, req.task_id)
             targets = [entry]
@@ -230,7 +234,7 @@ class Ledger:
         out: list[Effect] = []
         for t in report.tasks:
             entry = self.task(t.job_id, t.task_id)
-            if entry is None or entry.state in TERMINAL or entry.state == TaskState.RETRYING:
+            if entry is None or entry.pending or entry.state in TERMINAL or entry.state == TaskState.RETRYING:
                 continue  # fenced by the worker's next heartbeat (see heartbeat_fences)
             seq = fencing.seq_of(t.token)
             if entry.seq is not None and seq < entry.seq:
@@ -260,7 +264,6 @@ class Ledger:
                 self._dirty_jobs.add(job.job_id)
             return []
         if entry.state == TaskState.QUEUED:  # its start report was not seen (or lost)
-            entry.seq = fencing.seq_of(report.token)
             self._hold(entry, report.worker_id, report.token)
             self._move(entry, TaskState.RUNNING, now)
         entry.token = report.token
@@ -270,7 +273,7 @@ class Ledger:
             job.blobs.add(blob)
         if report.outcome == "succeeded":
             self._move(entry, TaskState.SUCCEEDED, now)
-            return [SaveResult(report.job_id, report.task_id, raw or report.to_wire())]
+            return [SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire())]
         if report.outcome == "cancelled":
             self._move(entry, TaskState.CANCELLED, now, "cancelled while running")
             return []
@@ -286,7 +289,7 @@ class Ledger:
             delay=err.retry_after_s if err else None,
         )
         if entry.state in (TaskState.FAILED, TaskState.DEAD) and report.outcome == "failed":
-            out.append(SaveResult(report.job_id, report.task_id, raw or report.to_wire()))
+            out.append(SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire()))
         return out
 
     @staticmethod
@@ -294,8 +297,10 @@ class Ledger:
         """Rule 2 of fleet.core.fencing: only the holder (or a newer delivery of its dispatch)."""
         if entry.state not in (TaskState.QUEUED, TaskState.RUNNING) or report.attempt != entry.attempt:
             return False
-        if entry.seq is None or fencing.seq_of(report.token) != entry.seq:
-            return entry.state == TaskState.QUEUED and entry.dispatch > 0 and entry.seq is None
+        if entry.pending or entry.seq is None or fencing.seq_of(report.token) != entry.seq:
+            return False  # another dispatch's delivery, or a new dispatch not yet stored
+        if report.token == entry.token and entry.worker not in (None, report.worker_id):
+            return False  # the same delivery twice (a server lost its consumer state): first start wins
         return report.token >= (entry.token or 0)
 
     def _failed(
@@ -315,9 +320,9 @@ class Ledger:
         old_seq = entry.seq
         out: list[Effect] = []
         if verdict.action == "retry":
+            wait = delay if delay is not None else retry.backoff_delay(entry.retry, entry.attempt, self.rand)
             if cls in failures.ATTEMPT_CLASSES:
                 entry.counters.attempt += 1
-            wait = delay if delay is not None else retry.backoff_delay(entry.retry, entry.attempt, self.rand)
             job.retries += 1
             self._move(entry, TaskState.RETRYING, now, f"{reason} [{cls}] (retry in {wait:.1f}s)")
             if wait <= 0:
@@ -333,7 +338,7 @@ class Ledger:
             self._move(entry, dst, now, f"{reason} [{cls}]: {verdict.reason}")
             if dst == TaskState.DEAD:
                 out.append(self._letter(entry, f"{reason}: {verdict.reason}", now))
-        if old_seq is not None and (entry.seq != old_seq or cls == FailureClass.LOST):
+        if old_seq is not None and (entry.pending or cls == FailureClass.LOST):
             out.append(DeleteDispatch(old_seq))  # the old delivery ends here (a zombie's ack hits nothing)
         return out
 
@@ -372,7 +377,7 @@ class Ledger:
         return Publish(
             names.dlq_task_subject(entry.job_id, entry.task_id),
             letter,
-            names.msgid_dead(entry.job_id, entry.task_id),
+            names.msgid_dead(entry.job_id, entry.task_id, entry.attempt, entry.dispatch),
         )
 
     def worker_lost(self, worker_id: str, now: float, why: str = "missed heartbeats") -> list[Effect]:
@@ -387,7 +392,7 @@ class Ledger:
         """Rule 3 of fleet.core.fencing: deliveries this worker must stop."""
         fences: list[Fence] = []
         for h in hb.held:
-            verdict = self._fence(h.job_id, h.task_id, h.token)
+            verdict = self._fence(h.job_id, h.task_id, h.token, hb.worker_id)
             if verdict is not None:
                 reason, ack = verdict
                 fences.append(
@@ -395,7 +400,7 @@ class Ledger:
                 )
         return fences
 
-    def _fence(self, job_id: str, task_id: str, token: int) -> tuple[str, bool] | None:
+    def _fence(self, job_id: str, task_id: str, token: int, worker: str) -> tuple[str, bool] | None:
         """(reason, ack) if the delivery with ``token`` must stop, else None."""
         job = self.jobs.get(job_id)
         entry = job.tasks.get(task_id) if job is not None else None
@@ -404,14 +409,28 @@ class Ledger:
             return ("job finished", True) if job is not None and job.pruned else None
         if entry.state in TERMINAL:
             return ("cancelled" if entry.state == TaskState.CANCELLED else f"already {entry.state}", True)
-        if entry.seq is not None and seq < entry.seq:
+        if entry.seq is not None and (seq < entry.seq or (entry.pending and seq == entry.seq)):
             return "superseded by a newer dispatch", True
         if entry.state == TaskState.RETRYING and entry.seq == seq:
             return "outcome already recorded", True
         held = entry.state == TaskState.RUNNING and entry.seq == seq and entry.token is not None
         if held and token < (entry.token or 0):
             return "lease lost to a newer delivery of the same message", False
+        if held and token == entry.token and entry.worker not in (None, worker):
+            # JetStream delivered the same message twice with the same count (its consumer state
+            # was lost in a server crash): the first start holds it
+            return f"delivery held by {entry.worker}", False
         return None
+
+    def confirmed(self, hb: Heartbeat) -> list[int]:
+        """Tokens in ``hb`` that the state of record shows held by this worker."""
+        out = []
+        for h in hb.held:
+            entry = self.task(h.job_id, h.task_id)
+            held = entry is not None and entry.state == TaskState.RUNNING and entry.token == h.token
+            if held and entry is not None and entry.worker == hb.worker_id:
+                out.append(h.token)
+        return out
 
     def is_pruned(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
@@ -469,7 +488,7 @@ class Ledger:
         out: list[TaskRecord] = []
         for key in list(self._dirty_tasks):
             entry = self._dirty_tasks[key]
-            if entry.state == TaskState.QUEUED and entry.dispatch > 0 and entry.seq is None:
+            if entry.state == TaskState.QUEUED and entry.pending:
                 continue  # the dispatch is written first (effects phase 1)
             del self._dirty_tasks[key]
             out.append(entry.record(now))

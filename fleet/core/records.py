@@ -278,7 +278,7 @@ class TaskEvent(Record):
 
 class TaskRecord(Record):
     """A task's state of record, the one message on ``fleet.state.<job>.<task>`` (written only by
-    the scheduler, kept until the job is archived). Its history is sourced into FLEET_EVENTS."""
+    the scheduler, kept until the job is archived). Every write is republished into FLEET_EVENTS as its history."""
 
     job_id: Token
     task_id: Token
@@ -324,7 +324,7 @@ class JobRecord(Record):
     submitted: int = 0
     counts: dict[str, int] = {}
     failures: dict[str, int] = {}
-    """Tasks by the class of their last failure (those failed, dead, or waiting to retry)."""
+    """Failed and dead tasks by the class of their last failure."""
     retries: int = 0
     requeues: int = 0
     stale_reports: int = 0
@@ -386,6 +386,10 @@ class Fence(BaseModel):
 
 class HeartbeatReply(Record):
     fence: list[Fence] = []
+    confirmed: list[int] = []
+    """Tokens of this worker's deliveries that the scheduler records as their task's holder. A
+    handler about to make an irreversible side effect may wait for its token here
+    (``ctx.confirm()``): exactly one delivery of a task is ever confirmed at a time."""
     known: bool = True
     """False when the scheduler had declared this worker lost (its tasks went to others)."""
 

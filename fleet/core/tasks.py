@@ -28,6 +28,8 @@ class TaskEntry:
     retry: RetryPolicy = DEFAULT_RETRY
     counters: Counters = dataclasses.field(default_factory=Counters)
     dispatch: int = 0
+    pending: bool = False
+    """A dispatch is on its way: its stream sequence is not known yet (``seq`` is the previous one)."""
     seq: int | None = None
     token: int | None = None
     worker: str | None = None

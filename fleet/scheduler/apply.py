@@ -119,7 +119,7 @@ class Applier:
                     outs.append(out)
                     points.append("dispatch")
             elif isinstance(eff, SaveResult):
-                msg_id = names.msgid_result(eff.job_id, eff.task_id)
+                msg_id = names.msgid_result(eff.job_id, eff.task_id, eff.attempt)
                 outs.append(Out(names.result_subject(eff.job_id, eff.task_id), eff.raw, msg_id))
                 points.append("result")
             elif isinstance(eff, Publish):
@@ -128,11 +128,12 @@ class Applier:
         return outs, points
 
     async def _publish(self, outs: list[Out], points: list[str], idx: list[int]) -> list[Any]:
-        for i in idx:
-            self.faults.before(points[i])
+        kinds = sorted({points[i] for i in idx})
+        for point in kinds:
+            self.faults.before(point)
         results = await self.pub.publish_each([outs[i] for i in idx])
-        for i in idx:
-            self.faults.after(points[i])
+        for point in kinds:
+            self.faults.after(point)
         return results
 
     async def _dispatch_out(self, d: Dispatch) -> Out | None:

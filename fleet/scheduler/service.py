@@ -249,6 +249,8 @@ class Scheduler:
         if kind == "cancel":
             req = CancelRequest.from_wire(msg.data)
             _expect(msg.subject, names.intake_cancel(req.job_id, req.task_id))
+            if req.task_id is not None and self.ledger.is_pruned(req.job_id):
+                await recovery.lookup_task(self.js, self.ledger, req.job_id, req.task_id)
             return self.ledger.cancel(req, now)
         if kind == "retry":
             retry = RetryRequest.from_wire(msg.data)
@@ -284,7 +286,8 @@ class Scheduler:
         if msg.reply:
             with contextlib.suppress(Exception):
                 assert self.nc is not None
-                await self.nc.publish(msg.reply, HeartbeatReply(fence=fences, known=known).to_wire())
+                reply = HeartbeatReply(fence=fences, confirmed=self.ledger.confirmed(hb), known=known)
+                await self.nc.publish(msg.reply, reply.to_wire())
 
 
 def _expect(subject: str, want: str) -> None:

@@ -1,24 +1,37 @@
-"""Progress and log events from running handlers, published in the background.
+"""Progress and log events from running handlers, published in the background, best effort.
 
 Handlers call ``ctx.progress`` and ``ctx.log`` from any thread; both only touch in-memory buffers
-(thread-safe). A flusher on the event loop sends, every ``interval`` seconds, the latest progress
-of each task and the log lines collected since the last flush, without waiting for acks.
+(thread-safe, bounded). A flusher on the event loop sends, every ``interval`` seconds, the latest
+progress of each delivery and the log lines collected since the last flush with
+:meth:`Publisher.fire`, which is bounded: when the bus is slow, events are dropped and counted,
+never queued without limit. Each event carries the delivery's fencing token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from broker import names
 from broker.publisher import Publisher
-from fleet.core.records import TaskEnvelope, TaskEvent
+from fleet.core.records import TaskEvent
+
+log = logging.getLogger("fleet.worker")
 
 MAX_LINES_PER_FLUSH = 200
 MAX_LINE = 4000
+
+
+class Source(NamedTuple):
+    job_id: str
+    task_id: str
+    attempt: int
+    token: int
 
 
 class EventSink:
@@ -26,27 +39,26 @@ class EventSink:
         self.pub = pub
         self.interval = interval
         self._lock = threading.Lock()
-        self._progress: dict[tuple[str, str, int], tuple[float, str | None]] = {}
-        self._lines: list[tuple[str, str, int, str, str]] = []
-        self._dropped = 0
+        self._progress: dict[Source, tuple[float, str | None]] = {}
+        self._lines: list[tuple[Source, str, str]] = []
+        self.dropped = 0
+        """Events not sent: buffer full, or the publisher refused them (bus slow or down)."""
         self._closed = asyncio.Event()
 
-    def progress_cb(self, env: TaskEnvelope) -> Callable[[float, str | None], None]:
-        key = (env.job_id, env.task_id, env.attempt)
-
+    def progress_cb(self, src: Source) -> Callable[[float, str | None], None]:
         def progress(fraction: float, message: str | None) -> None:
             with self._lock:
-                self._progress[key] = (fraction, message)
+                self._progress[src] = (fraction, message)
 
         return progress
 
-    def log_cb(self, env: TaskEnvelope) -> Callable[[str, str], None]:
+    def log_cb(self, src: Source) -> Callable[[str, str], None]:
         def line(level: str, text: str) -> None:
             with self._lock:
                 if len(self._lines) < MAX_LINES_PER_FLUSH * 10:
-                    self._lines.append((env.job_id, env.task_id, env.attempt, level, text[:MAX_LINE]))
+                    self._lines.append((src, level, text[:MAX_LINE]))
                 else:
-                    self._dropped += 1
+                    self.dropped += 1
 
         return line
 
@@ -64,19 +76,36 @@ class EventSink:
             progress, self._progress = self._progress, {}
             lines, self._lines = self._lines, []
         now = time.time()
-        for (job, task, attempt), (fraction, message) in progress.items():
+        for src, (fraction, message) in progress.items():
             ev = TaskEvent(
                 kind="progress",
-                job_id=job,
-                task_id=task,
+                job_id=src.job_id,
+                task_id=src.task_id,
                 at=now,
-                attempt=attempt,
+                attempt=src.attempt,
+                token=src.token,
                 progress=fraction,
                 message=message,
             )
-            await self.pub.fire(names.event_subject(job, task, names.EVENT_PROGRESS), ev.to_wire())
-        for job, task, attempt, level, text in lines:
+            await self._fire(names.event_subject(src.job_id, src.task_id, names.EVENT_PROGRESS), ev)
+        for src, level, text in lines:
             ev = TaskEvent(
-                kind="log", job_id=job, task_id=task, at=now, attempt=attempt, level=level, message=text
+                kind="log",
+                job_id=src.job_id,
+                task_id=src.task_id,
+                at=now,
+                attempt=src.attempt,
+                token=src.token,
+                level=level,
+                message=text,
             )
-            await self.pub.fire(names.event_subject(job, task, names.EVENT_LOG), ev.to_wire())
+            await self._fire(names.event_subject(src.job_id, src.task_id, names.EVENT_LOG), ev)
+
+    async def _fire(self, subject: str, ev: TaskEvent) -> None:
+        try:
+            sent = await self.pub.fire(subject, ev.to_wire())
+        except Exception as exc:  # an event is never worth failing a task or the worker for
+            log.debug("event to %s not sent: %s", subject, exc)
+            sent = False
+        if not sent:
+            self.dropped += 1

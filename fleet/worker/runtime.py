@@ -1,132 +1,62 @@
-"""The worker: pull work sized to free slots, run it under a heartbeat-kept lease, report the outcome.
+"""The worker: pull work sized to free slots, run it under a renewed lease, report the outcome once.
 
-Lease mapping (see docs/architecture.md): the queue consumer's AckWait is the lease. Every
-``heartbeat_s`` the worker sends ``+WPI`` for each message it holds, which restarts that lease, and
-publishes one :class:`Heartbeat` for the scheduler. If the worker dies the ``+WPI`` stop and
-JetStream redelivers each held task once its AckWait lapses, to whichever worker pulls next.
+Every fetched message is a *delivery* named by its fencing token (``fleet.core.fencing``): it is
+registered (:mod:`fleet.worker.registry`) the moment it is fetched, so the pulse thread
+(:mod:`fleet.worker.pulse`) lists it in heartbeats and renews its lease from then on. One start
+report per fetched batch is stored before any of its tasks runs; each task's done report is stored
+before its message is acked (:mod:`fleet.worker.commit`). A delivery the scheduler fences, or whose
+lease this worker could not renew, is stopped and never reported as a success.
 
-One TaskGroup supervises the fetch loop, the heartbeat loop, the event flusher and every running
-task; a task's slot is held by a context manager for exactly the task's lifetime.
+One TaskGroup supervises the fetch loop, the event flusher and every delivery; a task's slot is held
+by a context manager for exactly the task's lifetime (longer only for a thread that cannot be
+stopped). On SIGTERM the worker stops fetching at once, gives running tasks ``grace_s``, then
+reports the rest ``preempted`` and acks them, and exits about a second later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import dataclasses
 import logging
+import math
 import os
 import signal
-import socket
+import sys
 import time
-import traceback
-import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker import blobs, names
+from broker import names
 from broker.connection import connect, shutdown
 from broker.provision import ensure_bus, ensure_queue
-from broker.publisher import Publisher
-from fleet.core.records import (
-    CancelRequest,
-    DoneReport,
-    ErrorInfo,
-    Heartbeat,
-    Outcome,
-    Payload,
-    StartedTask,
-    StartReport,
-    TaskEnvelope,
-)
+from broker.publisher import ACK_TIMEOUT, Publisher
+from fleet.core import fencing
+from fleet.core.records import CancelRequest, TaskEnvelope
+from fleet.worker.allow import AllowList
+from fleet.worker.commit import Committer
 from fleet.worker.context import TaskContext, TaskInfo
-from fleet.worker.errors import FleetTaskError, Retry, TaskTimeout
-from fleet.worker.events import EventSink
+from fleet.worker.delivery import Running, Stop, start_report
+from fleet.worker.events import EventSink, Source
 from fleet.worker.execute import Executor
+from fleet.worker.pulse import Pulse
+from fleet.worker.registry import FENCE_AFTER, Held, PublishWatch, Registry
+from fleet.worker.runner import Runner
+from fleet.worker.settings import WorkerSettings, default_worker_id
+from fleet.worker.slots import Slot, Slots
+
+__all__ = ["Worker", "WorkerSettings", "serve"]
 
 log = logging.getLogger("fleet.worker")
+T = TypeVar("T")
 
-
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_WORKER_")
-
-    queue: str = "default"
-    concurrency: int = 4
-    executor: str = "thread"
-    heartbeat_s: float = 2.0
-    """How often held leases are renewed; never more than a third of the lease."""
-    lease_s: float = 10.0
-    """AckWait of the queue consumer if this worker creates it (an existing consumer's wins)."""
-    grace_s: float = 30.0
-    """On SIGTERM: how long running tasks may finish before they are released to other workers."""
-    fetch_timeout_s: float = 2.0
-    worker_id: str = ""
-
-
-def default_worker_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-
-
-class Slots:
-    """Free-slot accounting. :meth:`take` counts a slot at once (so the next fetch sees it); the
-    returned :class:`Slot` gives it back when its ``with`` block ends, on every exit path."""
-
-    def __init__(self, n: int) -> None:
-        self.total = n
-        self.busy = 0
-        self._changed = asyncio.Event()
-
-    @property
-    def free(self) -> int:
-        return self.total - self.busy
-
-    def take(self) -> Slot:
-        self.busy += 1
-        return Slot(self)
-
-    def _give_back(self) -> None:
-        self.busy -= 1
-        self._changed.set()
-
-    async def wait_free(self) -> None:
-        while self.free <= 0:
-            self._changed.clear()
-            await self._changed.wait()
-
-
-class Slot:
-    def __init__(self, slots: Slots) -> None:
-        self._slots: Slots | None = slots
-
-    def __enter__(self) -> Slot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._slots is not None:
-            self._slots._give_back()
-            self._slots = None
-
-
-@dataclasses.dataclass
-class Running:
-    msg: Msg
-    env: TaskEnvelope
-    delivery: int
-    ctx: TaskContext
-    started_at: float
-    task: asyncio.Task[None] | None = None
-    cancel_reason: str | None = None
-    items: int | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.env.job_id}/{self.env.task_id}"
+EXIT_MARGIN_S = 0.8
+"""After the grace period, how long preempted tasks have to be reported before the worker exits."""
 
 
 class Worker:
@@ -136,231 +66,252 @@ class Worker:
         names.check_token(self.s.queue, "queue")
         self.worker_id = names.check_token(self.s.worker_id or default_worker_id(), "worker id")
         self.slots = Slots(self.s.concurrency)
-        self.running: dict[str, Running] = {}
+        self.running: dict[int, Running] = {}
+        """Deliveries on this worker's loop, by fencing token."""
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.heartbeat_s = self.s.heartbeat_s
-        self.completed = 0
+        self.lease_s = self.s.lease_s
+        self.allow = AllowList(self.s.allow)
+        self.watch = PublishWatch()
         self.nc: NATS | None = None
+        self.registry = Registry(lease_s=self.lease_s, interval_s=self.heartbeat_s)
+        self._stop_at: float | None = None
+        self._pulse_failed: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def completed(self) -> int:
+        """Deliveries whose outcome this worker stored."""
+        runner = getattr(self, "runner", None)
+        return runner.completed if runner is not None else 0
+
     def stop(self) -> None:
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         self.stopping.set()
 
+    def exit_deadline(self) -> float:
+        return math.inf if self._stop_at is None else self._stop_at + self.s.grace_s + EXIT_MARGIN_S
+
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         self.nc = nc = await connect(self.url, name=f"fleet-worker-{self.worker_id}")
-        js = nc.jetstream()
-        await ensure_bus(js)  # idempotent: a worker may start before the scheduler
-        info = await ensure_queue(js, self.s.queue, lease_s=self.s.lease_s)
-        lease = info.config.ack_wait or self.s.lease_s
-        self.heartbeat_s = min(self.s.heartbeat_s, lease / 3)
-        psub = await js.pull_subscribe_bind(names.queue_consumer(self.s.queue), stream=names.TASKS_STREAM)
-        cancel_sub = await nc.subscribe(names.CANCELS, cb=self._on_cancel)
-        self.pub = Publisher(js)
-        self.events = EventSink(self.pub)
-        self.executor = Executor(mode=self.s.executor, concurrency=self.s.concurrency)
-        log.info(
-            "worker %s on queue %s: %d slots, lease %.1fs, heartbeat %.1fs",
-            self.worker_id,
-            self.s.queue,
-            self.s.concurrency,
-            lease,
-            self.heartbeat_s,
-        )
+        cancel_sub = None
         try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                beat = tg.create_task(self._heartbeats(nc))
-                flush = tg.create_task(self.events.run())
-                self.ready.set()
-                await self._fetch_loop(js, psub)
-                await self._drain()
-                await self._send_heartbeat(nc)
-                beat.cancel()
-                self.events.close()
-                await flush
+            self.js = js = nc.jetstream()
+            await ensure_bus(js)  # idempotent: a worker may start before the scheduler
+            info = await ensure_queue(js, self.s.queue, lease_s=self.s.lease_s)
+            self.lease_s = float(info.config.ack_wait or self.s.lease_s)
+            self.registry = Registry(lease_s=self.lease_s, interval_s=self.heartbeat_s)
+            psub = await js.pull_subscribe_bind(names.queue_consumer(self.s.queue), stream=names.TASKS_STREAM)
+            cancel_sub = await nc.subscribe(names.CANCELS, cb=self._on_cancel)
+            self.pub = Publisher(nc, ack_timeout=min(ACK_TIMEOUT, max(0.5, self.lease_s / 4)))
+            self.events = EventSink(self.pub)
+            self.committer = Committer(
+                self.pub, self.registry, self.watch, lease_s=self.lease_s, exit_deadline=self.exit_deadline
+            )
+            self.pulse = Pulse(
+                self.url,
+                self.worker_id,
+                self.s.queue,
+                self.registry,
+                self,
+                loop,
+                status=lambda: (self.slots.total, self.slots.busy, self.stopping.is_set()),
+                stalled=self._publish_stalled,
+                interval_s=self.heartbeat_s,
+                lease_s=self.lease_s,
+            )
+            self._pulse_failed = loop.create_future()
+            await self.pulse.start()
+            try:
+                self.executor = Executor(
+                    mode=self.s.executor,
+                    concurrency=self.s.concurrency,
+                    allow=self.allow,
+                    on_linger=self._linger,
+                )
+                self.runner = Runner(
+                    self.worker_id,
+                    js,
+                    self.executor,
+                    self.committer,
+                    self.registry,
+                    grace_s=self.s.grace_s,
+                    forget=self._forget,
+                )
+                log.info(
+                    "worker %s on queue %s: %d slots, lease %gs (renewed every %gs), heartbeat %gs, handlers: %s",
+                    self.worker_id,
+                    self.s.queue,
+                    self.s.concurrency,
+                    self.lease_s,
+                    self.pulse.renew_s,
+                    self.heartbeat_s,
+                    self.allow.describe(),
+                )
+                await self._supervise(psub)
+            finally:
+                await self.pulse.stop()
+                if (executor := getattr(self, "executor", None)) is not None:
+                    executor.close(kill=executor.busy > 0)
         finally:
-            self.executor.close()
-            with contextlib.suppress(Exception):
-                await cancel_sub.unsubscribe()
+            if cancel_sub is not None:
+                with contextlib.suppress(Exception):
+                    await cancel_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await shutdown(nc)
 
-    async def _fetch_loop(self, js: JetStreamContext, psub: JetStreamContext.PullSubscription) -> None:
-        while not self.stopping.is_set():
-            waiter = asyncio.ensure_future(self.slots.wait_free())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+    async def _supervise(self, psub: JetStreamContext.PullSubscription) -> None:
+        assert self._pulse_failed is not None
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            flush = tg.create_task(self.events.run())
+            guard = tg.create_task(_raise_when_set(self._pulse_failed))
+            self.ready.set()
+            await self._fetch_loop(psub)
+            await self._drain()
+            self.events.close()
+            await flush
+            guard.cancel()
+
+    def _publish_stalled(self, now: float) -> bool:
+        return self.watch.stalled(now, self.pub.last_ack, FENCE_AFTER * self.lease_s)
+
+    def _linger(self, cfut: concurrent.futures.Future[Any]) -> None:
+        """A cancelled handler call runs on in its thread: keep a slot for it until it returns."""
+        slot = self.slots.take()
+        loop = asyncio.get_running_loop()
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to give back
+                loop.call_soon_threadsafe(slot.release)
+
+        cfut.add_done_callback(done)
+
+    # -- pulse callbacks (on this loop) ------------------------------------------------------------------
+    def on_fenced(self, held: list[Held]) -> None:
+        for h in held:
+            if (r := self.running.get(h.token)) is not None:
+                r.halt(Stop.FENCED, h.reason)
+
+    def on_lost(self, held: list[Held]) -> None:
+        for h in held:
+            if (r := self.running.get(h.token)) is not None:
+                r.halt(Stop.LOST, h.reason)
+
+    def on_confirmed(self) -> None:
+        pass  # deliveries waiting for a confirmation poll the registry
+
+    def on_pulse_failed(self, exc: BaseException) -> None:
+        if self._pulse_failed is not None and not self._pulse_failed.done():
+            self._pulse_failed.set_exception(RuntimeError(f"the heartbeat thread died: {exc!r}"))
+
+    # -- fetching and starting -------------------------------------------------------------------------
+    async def _unless_stopping(self, aw: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+        """Run ``aw`` until it ends or the worker is stopping (then it is cancelled: None)."""
+        work = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
             stop.cancel()
-            if self.stopping.is_set():
-                return
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+        return None if work.cancelled() else work
+
+    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+        while not self.stopping.is_set():
+            if await self._unless_stopping(self.slots.wait_free()) is None:
+                break
+            want = self.slots.free
+            if want <= 0:
+                continue
+            fetch = await self._unless_stopping(psub.fetch(want, timeout=self.s.fetch_timeout_s))
+            if fetch is None:
+                break
             try:
-                msgs = await psub.fetch(self.slots.free, timeout=self.s.fetch_timeout_s)
+                msgs = fetch.result()
             except (TimeoutError, FetchTimeoutError):
                 continue
-            except Exception:  # disconnected, leader election: the client reconnects by itself
-                log.exception("fetch failed; retrying")
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # disconnected, leader election: the client reconnects by itself
+                log.warning("fetch failed (%s); retrying", exc or type(exc).__name__)
+                await self._unless_stopping(asyncio.sleep(0.5))
                 continue
             if self.stopping.is_set():  # fetched while stopping: hand straight back
-                for m in msgs:
-                    await m.nak()
-                return
+                await _nak_all(msgs)
+                break
             try:
-                await self._start(js, msgs)
-            except Exception:  # start report not stored: leases lapse and the tasks are redelivered
+                await self._start(msgs)
+            except Exception:
                 log.exception("could not start %d tasks", len(msgs))
+        await self._release_pending(psub)
 
-    async def _start(self, js: JetStreamContext, msgs: list[Msg]) -> None:
-        batch: list[Running] = []
+    async def _release_pending(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Stop pulling: hand back messages that arrived for a cancelled fetch, then unsubscribe."""
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=1)
+        await _nak_all(_take_pending(psub))
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+        await _nak_all(_take_pending(psub))
+
+    async def _start(self, msgs: list[Msg]) -> None:
+        now = time.monotonic()
+        batch: list[tuple[Running, Slot]] = []
         for m in msgs:
+            meta = m.metadata
+            delivery = max(1, meta.num_delivered or 1)
+            token = fencing.make(meta.sequence.stream, delivery)
             try:
                 env = TaskEnvelope.from_wire(m.data)
-            except ValueError as exc:  # the scheduler validated it; this is corruption
-                await self._reject(m, str(exc))
+            except ValueError as exc:  # the scheduler validated it: this is corruption
+                job_id, task_id = names.task_of(m.subject)
+                held = self.registry.add(token, job_id, task_id, m.reply, now)
+                self._tg.create_task(self.runner.reject(m, held, delivery, str(exc), self.slots.take()))
                 continue
-            delivery = m.metadata.num_delivered or 1
-            info = TaskInfo(env.task_id, env.job_id, env.attempt, delivery, self.worker_id, self.s.queue)
-            ctx = TaskContext(info, self.events.progress_cb(env), self.events.log_cb(env))
-            batch.append(Running(m, env, delivery, ctx, time.time()))
+            held = self.registry.add(token, env.job_id, env.task_id, m.reply, now)
+            info = TaskInfo(
+                env.task_id, env.job_id, env.attempt, delivery, self.worker_id, self.s.queue, token=token
+            )
+            src = Source(env.job_id, env.task_id, env.attempt, token)
+            ctx = TaskContext(info, self.events.progress_cb(src), self.events.log_cb(src), self.pulse.confirm)
+            r = Running(held, m, env, delivery, ctx, started_at=time.time())
+            self.running[token] = r
+            batch.append((r, self.slots.take()))
         if not batch:
             return
-        report = StartReport(
-            worker_id=self.worker_id,
-            at=time.time(),
-            tasks=[
-                StartedTask(
-                    task_id=r.env.task_id, job_id=r.env.job_id, attempt=r.env.attempt, delivery=r.delivery
-                )
-                for r in batch
-            ],
-        )
-        await self.pub.publish(names.report_start(self.worker_id), report.to_wire())
-        for r in batch:
-            self.running[r.key] = r
-            r.task = self._tg.create_task(self._run(r, js, self.slots.take()))
-
-    async def _run(self, r: Running, js: JetStreamContext, slot: Slot) -> None:
-        with slot:
-            try:
-                outcome, result, error = await self._execute(r, js)
-                await self._report(r, js, outcome, result, error)
-                await r.msg.ack()
-                self.completed += 1
-            except asyncio.CancelledError:
-                # released on shutdown: give the task back at once for another worker
-                with contextlib.suppress(Exception):
-                    await r.msg.nak()
-            except Exception:
-                log.exception("reporting %s failed; the lease will lapse and it will be redelivered", r.key)
-            finally:
-                self.running.pop(r.key, None)
-                r.ctx.close()
-
-    async def _execute(self, r: Running, js: JetStreamContext) -> tuple[Outcome, Any, ErrorInfo | None]:
-        env = r.env
+        runs = [r for r, _ in batch]
         try:
-            inputs = await blobs.load_payload(js, env.payload.model_dump(exclude_none=True))
-            if not isinstance(inputs, dict):
-                raise TypeError(
-                    f"task inputs must be a map with args/kwargs/items, got {type(inputs).__name__}"
-                )
-            if isinstance(inputs.get("items"), list):
-                r.items = len(inputs["items"])
-            async with asyncio.timeout(env.timeout_s):
-                if env.handler is not None:
-                    value = await self.executor.run_handler(env.handler, inputs, r.ctx)
-                else:
-                    value = await self.executor.run_command(env.command or [], inputs, r.ctx)
-            return "succeeded", value, None
-        except TimeoutError:
-            err = TaskTimeout(f"attempt exceeded its timeout of {env.timeout_s}s")
-            return "failed", None, _error_info(err)
-        except asyncio.CancelledError:
-            if r.cancel_reason is None:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            return "cancelled", None, ErrorInfo(type="Cancelled", message=r.cancel_reason, retryable=False)
-        except Exception as exc:
-            return "failed", None, _error_info(exc)
-
-    async def _report(
-        self, r: Running, js: JetStreamContext, outcome: Outcome, value: Any, error: ErrorInfo | None
-    ) -> None:
-        result: Payload | None = None
-        if outcome == "succeeded":
-            try:
-                result = Payload.model_validate(await blobs.make_payload(js, value))
-            except TypeError as exc:
-                outcome, error = (
-                    "failed",
-                    ErrorInfo(type="ResultNotSerializable", message=str(exc), retryable=False),
-                )
-        report = DoneReport(
-            task_id=r.env.task_id,
-            job_id=r.env.job_id,
-            attempt=r.env.attempt,
-            delivery=r.delivery,
-            worker_id=self.worker_id,
-            outcome=outcome,
-            result=result,
-            items=r.items,
-            error=error,
-            started_at=r.started_at,
-            finished_at=time.time(),
-            envelope=r.env if outcome == "failed" else None,
-        )
-        msg_id = f"done:{r.key}:{r.env.attempt}#{r.delivery}"
-        await self.pub.publish(names.report_done(r.env.job_id, r.env.task_id), report.to_wire(), msg_id)
-
-    async def _reject(self, m: Msg, reason: str) -> None:
-        """An undecodable task: report it failed (never retried) so its job can finish, then drop it."""
-        log.error("dropping undecodable task on %s: %s", m.subject, reason)
-        job_id, task_id = names.task_of(m.subject)
-        if job_id and task_id:
-            now = time.time()
-            report = DoneReport(
-                task_id=task_id,
-                job_id=job_id,
-                attempt=1,
-                delivery=m.metadata.num_delivered or 1,
-                worker_id=self.worker_id,
-                outcome="failed",
-                started_at=now,
-                finished_at=now,
-                error=ErrorInfo(type="InvalidTask", message=f"undecodable task: {reason}", retryable=False),
+            stored = await self.committer.store(
+                start_report(self.worker_id, runs),
+                alive=lambda: any(self.registry.alive(r.held, time.monotonic()) for r in runs),
+                until=self.committer.until(),
             )
-            await self.pub.publish(names.report_done(job_id, task_id), report.to_wire())
-        await m.term()
-
-    # -- heartbeats, cancel, shutdown ----------------------------------------------------------------
-    async def _heartbeats(self, nc: NATS) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            for r in list(self.running.values()):
+        except Exception as exc:
+            log.error("start report refused: %s", exc)
+            stored = False
+        for r, slot in batch:
+            if stored and (r.stop is None or r.stop < Stop.LOST):
+                r.task = self._tg.create_task(self.runner.run(r, slot))
+                continue
+            slot.release()
+            self._forget(r)
+            if not stored and not r.held.gone:
                 with contextlib.suppress(Exception):
-                    await r.msg.in_progress()  # +WPI: restart this message's AckWait
-            await self._send_heartbeat(nc)
+                    await r.msg.nak()  # not started: let another worker have it now
+        if not stored:
+            log.warning("start report of %d tasks not stored; handed them back", len(runs))
 
-    async def _send_heartbeat(self, nc: NATS) -> None:
-        hb = Heartbeat(
-            worker_id=self.worker_id,
-            queue=self.s.queue,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slots=self.slots.total,
-            busy=self.slots.busy,
-            tasks=sorted(self.running),
-            at=time.time(),
-            interval_s=self.heartbeat_s,
-            stopping=self.stopping.is_set(),
-        )
-        with contextlib.suppress(Exception):
-            await nc.publish(names.heartbeat_subject(self.worker_id), hb.to_wire())
+    def _forget(self, r: Running) -> None:
+        self.registry.drop(r.token)
+        self.running.pop(r.token, None)
+        r.ctx.close()
 
+    # -- cancel, shutdown -------------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
         try:
             req = CancelRequest.from_wire(msg.data)
@@ -368,38 +319,72 @@ class Worker:
             log.warning("ignoring malformed cancel on %s: %s", msg.subject, exc)
             return
         for r in list(self.running.values()):
-            if r.env.job_id == req.job_id and req.task_id in (None, r.env.task_id) and r.task is not None:
-                r.cancel_reason = req.reason
-                r.ctx.cancel()
-                r.task.cancel()
+            if r.env.job_id == req.job_id and req.task_id in (None, r.env.task_id):
+                r.halt(Stop.CANCELLED, req.reason)
 
     async def _drain(self) -> None:
-        """Let running tasks finish for ``grace_s``; then release the rest to other workers."""
-        tasks = [r.task for r in self.running.values() if r.task is not None]
+        """Let running tasks finish for ``grace_s``; report the rest preempted (and ack them)."""
+        stop_at = self._stop_at if self._stop_at is not None else time.monotonic()
+        tasks = {r.task for r in self.running.values() if r.task is not None}
         if tasks:
-            await asyncio.wait(tasks, timeout=self.s.grace_s)
+            await asyncio.wait(tasks, timeout=max(0.0, stop_at + self.s.grace_s - time.monotonic()))
+        reason = f"worker {self.worker_id} shut down"
         for r in list(self.running.values()):
-            if r.task is not None:
+            r.halt(Stop.PREEMPTED, reason)
+        tasks = {r.task for r in self.running.values() if r.task is not None and not r.task.done()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.1, self.exit_deadline() - time.monotonic()))
+        for r in list(self.running.values()):
+            if r.task is not None and not r.task.done():
+                log.warning("task %s (token %d) did not stop in time; abandoning it", r.key, r.token)
                 r.task.cancel()
 
 
-def _error_info(exc: BaseException) -> ErrorInfo:
-    retryable = getattr(exc, "retryable", True) if isinstance(exc, FleetTaskError) else True
-    delay = exc.delay_s if isinstance(exc, Retry) else None
-    tb = "".join(traceback.format_exception(exc))[-8000:]
-    return ErrorInfo(
-        type=type(exc).__name__,
-        message=str(exc)[:2000] or type(exc).__name__,
-        traceback=tb,
-        retryable=retryable,
-        retry_after_s=delay,
-    )
+async def _raise_when_set(fut: asyncio.Future[None]) -> None:
+    await fut
+
+
+def _take_pending(psub: JetStreamContext.PullSubscription) -> list[Msg]:
+    """Messages the client buffered for a fetch that was cancelled (nats-py keeps them queued)."""
+    queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+    msgs: list[Msg] = []
+    if queue is None:
+        return msgs
+    while not queue.empty():
+        m = queue.get_nowait()
+        if m.reply and not (m.headers and m.headers.get("Status")):
+            msgs.append(m)
+    return msgs
+
+
+async def _nak_all(msgs: list[Msg]) -> None:
+    for m in msgs:
+        with contextlib.suppress(Exception):
+            await m.nak()
+
+
+def _exit_if_busy(worker: Worker, code: int) -> None:
+    """Handler threads that ignored their cancellation must not keep the process alive."""
+    executor = getattr(worker, "executor", None)
+    if executor is None or executor.busy == 0:
+        return
+    log.warning("%d handler calls still running after shutdown: exiting without them", executor.busy)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 async def serve(url: str, settings: WorkerSettings) -> None:
-    """Run a worker until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run a worker until SIGTERM or SIGINT, then shut down gracefully (the CLI path)."""
     worker = Worker(url, settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    try:
+        await worker.run()
+    except BaseException:
+        _exit_if_busy(worker, 1)
+        raise
+    _exit_if_busy(worker, 0)

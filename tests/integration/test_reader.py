@@ -21,15 +21,17 @@ async def test_replay_filters_by_subject(stack: Stack) -> None:
 
     every = [m.data async for m in reader.replay(js, names.EVENTS_STREAM, names.job_events_filter("j-a"))]
     assert every == [b"t1-state", b"t1-log", b"t2-state", b"t2-log", b"t3-state", b"t3-log"]
-    states = [m.data async for m in reader.replay(js, names.EVENTS_STREAM, names.job_states_filter("j-a"))]
+    states = [
+        m.data async for m in reader.replay(js, names.EVENTS_STREAM, names.job_state_history_filter("j-a"))
+    ]
     assert states == [b"t1-state", b"t2-state", b"t3-state"]
     none = [m async for m in reader.replay(js, names.EVENTS_STREAM, names.job_events_filter("j-none"))]
     assert none == []
-    assert await count(js, names.EVENTS_STREAM, names.job_states_filter("j-a")) == 3
+    assert await count(js, names.EVENTS_STREAM, names.job_state_history_filter("j-a")) == 3
 
 
 async def test_count_counts_only_matching_subjects(stack: Stack) -> None:
     """Regression: count() once returned the whole stream's message count."""
     await _publish_events(stack)
     js = stack.client.js
-    assert await reader.count(js, names.EVENTS_STREAM, names.job_states_filter("j-a")) == 3
+    assert await reader.count(js, names.EVENTS_STREAM, names.job_state_history_filter("j-a")) == 3

@@ -17,9 +17,19 @@ from typing import Any
 
 import pytest
 
+from fleet.worker.allow import AllowList
 from fleet.worker.context import TaskContext, TaskInfo
-from fleet.worker.errors import CommandFailed, FleetTaskError, HandlerNotFound, Permanent
-from fleet.worker.execute import OUTPUT_LIMIT, Executor, resolve
+from fleet.worker.errors import (
+    CommandFailed,
+    FleetTaskError,
+    HandlerCrashed,
+    HandlerNotAllowed,
+    HandlerNotFound,
+    InvalidInput,
+    InvalidTask,
+    Permanent,
+)
+from fleet.worker.execute import OUTPUT_LIMIT, Executor, check_inputs, resolve
 
 MOD = __name__
 
@@ -63,6 +73,23 @@ def boom() -> None:
     raise ValueError("handler failed")
 
 
+def die() -> None:
+    os._exit(3)  # a process-pool child that dies
+
+
+GATE = threading.Event()
+
+
+def wait_gate() -> str:
+    """Ignores cancellation: returns only when GATE is set."""
+    GATE.wait(10)
+    return "through"
+
+
+def my_token(ctx: TaskContext) -> tuple[int, bool]:
+    return ctx.token, ctx.fenced
+
+
 async def async_add(a: int, b: int) -> int:
     await asyncio.sleep(0)
     return a + b
@@ -98,7 +125,9 @@ def rec() -> Recorder:
 
 @pytest.fixture
 def ctx(rec: Recorder) -> Iterator[TaskContext]:
-    info = TaskInfo(task_id="t-1", job_id="j-1", attempt=2, delivery=1, worker_id="w1", queue="default")
+    info = TaskInfo(
+        task_id="t-1", job_id="j-1", attempt=2, delivery=1, worker_id="w1", queue="default", token=7001
+    )
     c = TaskContext(
         info, lambda f, m: rec.progress.append((f, m)), lambda lvl, msg: rec.logs.append((lvl, msg))
     )
@@ -146,7 +175,7 @@ def test_resolve_not_callable() -> None:
 
 
 def test_handler_not_found_is_permanent() -> None:
-    assert issubclass(HandlerNotFound, Permanent)
+    assert issubclass(HandlerNotFound, InvalidTask) and issubclass(InvalidTask, Permanent)
     assert HandlerNotFound.retryable is False
     assert CommandFailed("x", 1).retryable is True
 
@@ -269,9 +298,9 @@ async def test_command_without_items_leaves_placeholder_empty(ex: Executor, ctx:
 
 
 async def test_command_environment(ex: Executor, ctx: TaskContext) -> None:
-    script = 'printf "%s %s %s %s" "$FLEET_TASK_ID" "$FLEET_JOB_ID" "$FLEET_ATTEMPT" "$FLEET_ITEM"'
+    script = 'printf "%s %s %s %s %s" "$FLEET_TASK_ID" "$FLEET_JOB_ID" "$FLEET_ATTEMPT" "$FLEET_TOKEN" "$FLEET_ITEM"'
     (out,) = await ex.run_command(["sh", "-c", script], {"items": [{"a": 1}]}, ctx)
-    assert out["stdout"] == 't-1 j-1 2 {"a":1}'
+    assert out["stdout"] == 't-1 j-1 2 7001 {"a":1}'
 
 
 async def test_command_output_is_truncated(ex: Executor, ctx: TaskContext) -> None:
@@ -321,3 +350,105 @@ async def test_cancel_kills_the_whole_process_group(ex: Executor, ctx: TaskConte
     while not _gone(child):
         assert time.monotonic() < deadline, f"grandchild {child} survived the cancel"
         await asyncio.sleep(0.01)
+
+
+async def test_command_killed_by_a_signal_says_so(ex: Executor, ctx: TaskContext) -> None:
+    with pytest.raises(CommandFailed, match="was killed by SIGKILL") as info:
+        await ex.run_command(["sh", "-c", "kill -9 $$"], {}, ctx)
+    assert info.value.exit_code == -9 and info.value.killed
+    assert not CommandFailed("x", 3).killed
+
+
+# ---- allow-list, inputs, context ------------------------------------------------------------------------
+async def test_refused_handler_is_not_even_imported(ctx: TaskContext) -> None:
+    assert "this" not in sys.modules
+    e = Executor(concurrency=1)
+    try:
+        with pytest.raises(HandlerNotAllowed, match="'this:x' is not allowed"):
+            await e.run_handler("this:x", {}, ctx)  # importing 'this' prints the Zen of Python
+        with pytest.raises(HandlerNotAllowed):
+            await e.run_handler("os:getcwd", {}, ctx)
+    finally:
+        e.close()
+    assert "this" not in sys.modules
+
+
+async def test_allow_prefixes(ctx: TaskContext) -> None:
+    e = Executor(concurrency=1, allow=AllowList(["tests_nothing"]))
+    try:
+        with pytest.raises(HandlerNotAllowed, match="only runs handlers under 'tests_nothing'"):
+            await e.run_handler(h("add"), {"args": [1]}, ctx)
+    finally:
+        e.close()
+    e = Executor(concurrency=1, allow=AllowList([MOD]))
+    try:
+        assert await e.run_handler(h("add"), {"args": [1, 2]}, ctx) == 3
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ([1, 2], "must be a map"),
+        ("x", "must be a map"),
+        ({"args": 5}, "args must be a list"),
+        ({"kwargs": [1]}, "kwargs must be a map"),
+        ({"kwargs": {1: 2}}, "kwargs must be a map"),
+        ({"items": {"a": 1}}, "items must be a list"),
+    ],
+)
+def test_malformed_inputs_are_invalid(inputs: Any, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_inputs(inputs)
+
+
+def test_wellformed_inputs_pass() -> None:
+    inputs = {"args": [1], "kwargs": {"a": 1}, "items": [], "extra": None}
+    assert check_inputs(inputs) is inputs
+    assert check_inputs({}) == {}
+
+
+async def test_ctx_token_and_fenced(ex: Executor, ctx: TaskContext) -> None:
+    assert await ex.run_handler(h("my_token"), {}, ctx) == (7001, False)
+    ctx.fence()
+    assert ctx.fenced and ctx.cancelled
+    assert await ex.run_handler(h("my_token"), {}, ctx) == (7001, True)
+
+
+# ---- abandoned threads, crashed pool children -------------------------------------------------------------
+async def test_cancelled_thread_call_lingers_until_it_returns(ctx: TaskContext) -> None:
+    lingering: list[Any] = []
+    e = Executor(concurrency=1, on_linger=lingering.append)
+    GATE.clear()
+    try:
+        task = asyncio.create_task(e.run_handler(h("wait_gate"), {}, ctx))
+        deadline = time.monotonic() + 5
+        while e.busy == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(lingering) == 1 and not lingering[0].done()
+        assert e.busy == 1, "the thread still runs"
+        GATE.set()
+        deadline = time.monotonic() + 5
+        while e.busy:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert lingering[0].result() == "through"
+    finally:
+        GATE.set()
+        e.close()
+
+
+async def test_dead_pool_child_fails_the_call_and_the_pool_is_replaced(ctx: TaskContext) -> None:
+    e = Executor(mode="process", concurrency=1)
+    try:
+        with pytest.raises(HandlerCrashed, match="died"):
+            await e.run_handler(h("die"), {}, ctx)
+        assert e.pools_replaced == 1
+        assert await e.run_handler(h("add"), {"args": [2, 3]}, ctx) == 5
+    finally:
+        e.close(kill=True)

@@ -1,22 +1,26 @@
-"""Worker liveness under an injected clock."""
+"""Worker liveness from heartbeats, under an injected monotonic clock."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleet.core.liveness import WorkerTable, WorkerView
-from fleet.core.records import Heartbeat
+from fleet.core.records import Heartbeat, HeldTask
 
 
-def hb(worker: str, interval: float = 1.0, **kw: object) -> Heartbeat:
-    fields: dict[str, object] = {
+def hb(worker: str, interval: float = 1.0, **kw: Any) -> Heartbeat:
+    fields: dict[str, Any] = {
         "worker_id": worker,
         "queue": "default",
         "host": "host-a",
         "pid": 42,
         "slots": 4,
         "busy": 1,
-        "tasks": ["j/t1"],
+        "held": [],
         "at": 0.0,
         "interval_s": interval,
     }
@@ -24,9 +28,16 @@ def hb(worker: str, interval: float = 1.0, **kw: object) -> Heartbeat:
     return Heartbeat.model_validate(fields)
 
 
+def ids(views: list[WorkerView]) -> list[str]:
+    return [v.worker_id for v in views]
+
+
 def test_beat_records_the_view() -> None:
     table = WorkerTable()
-    table.beat(hb("w1", queue="gpu", busy=2, tasks=["j/a", "j/b", "j/a"], stopping=True), now=100.0)
+    held = [HeldTask(job_id="j", task_id="a", token=1001), HeldTask(job_id="j", task_id="b", token=2001)]
+    assert (
+        table.beat(hb("w1", interval=2.0, queue="gpu", busy=2, held=held, stopping=True), now=100.0) is False
+    )
     (view,) = table.alive()
     assert view == WorkerView(
         worker_id="w1",
@@ -35,72 +46,114 @@ def test_beat_records_the_view() -> None:
         pid=42,
         slots=4,
         busy=2,
-        tasks=frozenset({"j/a", "j/b"}),
+        held=2,
         last_seen=100.0,
-        interval_s=1.0,
+        interval_s=2.0,
         stopping=True,
+        seeded=False,
     )
+    assert table.beat(hb("w1"), now=101.0) is True
+    assert table.alive()[0].held == 0 and table.alive()[0].last_seen == 101.0
 
 
-def test_last_seen_is_the_local_clock_not_the_heartbeat_time() -> None:
-    table = WorkerTable()
-    table.beat(hb("w1", at=5.0), now=100.0)
-    assert table.workers["w1"].last_seen == 100.0
-
-
-def test_expiry_after_missed_intervals() -> None:
-    table = WorkerTable(missed=3.0)
-    table.beat(hb("w1", interval=2.0), now=100.0)
-    assert table.expire(now=103.0) == []
-    assert table.expire(now=106.0) == []  # exactly missed * interval: still alive
-    assert [w.worker_id for w in table.alive()] == ["w1"]
-    lost = table.expire(now=106.5)
-    assert [w.worker_id for w in lost] == ["w1"]
-    assert lost[0].last_seen == 100.0
+def test_expire_after_missed_intervals() -> None:
+    table = WorkerTable(missed=2.5)
+    table.beat(hb("fast", interval=1.0), now=0.0)
+    table.beat(hb("slow", interval=10.0), now=0.0)
+    assert table.deadline(table.workers["fast"]) == 2.5
+    assert table.expire(2.5) == []  # exactly at the deadline: still alive
+    (lost,) = table.expire(2.51)
+    assert lost.worker_id == "fast"
+    assert ids(table.alive()) == ["slow"]
+    assert table.expire(25.0) == []
+    assert ids(table.expire(25.01)) == ["slow"]
     assert table.alive() == []
-    assert table.expire(now=200.0) == []  # reported once only
+
+
+def test_a_lost_worker_that_beats_again_is_new() -> None:
+    table = WorkerTable(missed=2.0)
+    table.beat(hb("w1"), now=0.0)
+    table.expire(10.0)
+    assert table.beat(hb("w1"), now=10.0) is False
+    assert table.beat(hb("w1"), now=11.0) is True
 
 
 def test_heartbeats_keep_a_worker_alive() -> None:
-    table = WorkerTable(missed=3.0)
+    table = WorkerTable(missed=2.5)
     for t in range(0, 100, 2):
-        table.beat(hb("w1", interval=1.0), now=float(t))
-        assert table.expire(now=t + 2.5) == []
-    assert table.expire(now=98.0 + 3.5)[0].worker_id == "w1"
+        table.beat(hb("w1"), now=float(t))
+        assert table.expire(t + 2.4) == []
+    assert ids(table.expire(98 + 2.6)) == ["w1"]
 
 
-def test_each_worker_uses_its_own_interval() -> None:
-    table = WorkerTable(missed=2.0)
-    table.beat(hb("fast", interval=1.0), now=0.0)
-    table.beat(hb("slow", interval=10.0), now=0.0)
-    assert [w.worker_id for w in table.expire(now=5.0)] == ["fast"]
-    assert [w.worker_id for w in table.alive()] == ["slow"]
-    assert [w.worker_id for w in table.expire(now=20.5)] == ["slow"]
-
-
-@pytest.mark.parametrize(
-    ("missed", "alive_at", "dead_at"), [(1.0, 1.0, 1.01), (5.0, 5.0, 5.01), (0.5, 0.5, 0.6)]
-)
-def test_missed_is_configurable(missed: float, alive_at: float, dead_at: float) -> None:
-    table = WorkerTable(missed=missed)
-    table.beat(hb("w", interval=1.0), now=0.0)
-    assert table.expire(now=alive_at) == []
-    assert len(table.expire(now=dead_at)) == 1
-
-
-def test_alive_sorted_and_multiple_lost() -> None:
-    table = WorkerTable(missed=3.0)
-    for name, t in [("w3", 0.0), ("w1", 0.0), ("w2", 10.0)]:
-        table.beat(hb(name), now=t)
-    assert [w.worker_id for w in table.alive()] == ["w1", "w2", "w3"]
-    assert sorted(w.worker_id for w in table.expire(now=5.0)) == ["w1", "w3"]
-    assert [w.worker_id for w in table.alive()] == ["w2"]
-
-
-def test_a_lost_worker_that_returns_is_alive_again() -> None:
-    table = WorkerTable(missed=3.0)
+def test_grace_moves_every_deadline() -> None:
+    table = WorkerTable(missed=2.5)
     table.beat(hb("w1"), now=0.0)
-    assert len(table.expire(now=10.0)) == 1
-    table.beat(hb("w1"), now=11.0)
-    assert [w.worker_id for w in table.alive()] == ["w1"]
-    assert table.expire(now=12.0) == []
+    table.beat(hb("w2"), now=1.0)
+    table.grace(10.0)  # the scheduler itself was deaf for 10 s
+    assert table.expire(12.5) == []
+    assert ids(table.expire(12.6)) == ["w1"]
+    assert ids(table.expire(13.6)) == ["w2"]
+
+
+def test_refresh_gives_everyone_a_full_deadline_from_now() -> None:
+    table = WorkerTable(missed=2.5)
+    table.beat(hb("old"), now=0.0)
+    table.beat(hb("future"), now=50.0)
+    table.refresh(40.0)
+    assert table.workers["old"].last_seen == 40.0
+    assert table.workers["future"].last_seen == 50.0  # never moved back
+    assert table.expire(42.5) == []
+    assert ids(table.expire(42.6)) == ["old"]
+
+
+def test_seeded_worker_is_lost_unless_it_beats() -> None:
+    table = WorkerTable(missed=2.5)
+    table.seed("ghost", now=100.0)
+    table.seed("back", now=100.0, interval_s=2.0)
+    assert table.workers["ghost"].seeded
+    assert table.beat(hb("back", interval=2.0), now=101.0) is True  # known from the state of record
+    assert not table.workers["back"].seeded
+    assert ids(table.expire(102.6)) == ["ghost"]
+    assert ids(table.alive()) == ["back"]
+
+
+def test_seed_never_replaces_a_worker_heard_from() -> None:
+    table = WorkerTable()
+    table.beat(hb("w1", busy=3), now=5.0)
+    table.seed("w1", now=1.0)
+    view = table.workers["w1"]
+    assert (view.seeded, view.busy, view.last_seen) == (False, 3, 5.0)
+
+
+def test_alive_is_sorted() -> None:
+    table = WorkerTable()
+    for w in ("w3", "w1", "w2"):
+        table.beat(hb(w), now=0.0)
+    assert ids(table.alive()) == ["w1", "w2", "w3"]
+
+
+@pytest.mark.parametrize("interval", [0.2, 1.0, 5.0])
+def test_deadline_scales_with_the_workers_own_interval(interval: float) -> None:
+    table = WorkerTable(missed=3.0)
+    table.beat(hb("w", interval=interval), now=0.0)
+    assert table.deadline(table.workers["w"]) == pytest.approx(3.0 * interval)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    beats=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.floats(0, 5)), max_size=30),
+    check=st.floats(0, 200),
+)
+def test_expire_returns_exactly_the_silent_workers(beats: list[tuple[str, float]], check: float) -> None:
+    table = WorkerTable(missed=2.5)
+    now = 0.0
+    last: dict[str, float] = {}
+    for w, dt in beats:
+        now += dt
+        table.beat(hb(w), now=now)
+        last[w] = now
+    at = now + check
+    lost = ids(table.expire(at))
+    assert sorted(lost) == sorted(w for w, t in last.items() if at > t + 2.5)
+    assert sorted(ids(table.alive())) == sorted(w for w, t in last.items() if at <= t + 2.5)

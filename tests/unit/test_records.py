@@ -11,23 +11,32 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from broker import codec
+from fleet.core import fencing
+from fleet.core.failures import FailureClass
 from fleet.core.records import (
+    LATEST_TIME,
+    MAX_DELAY_S,
     PROTOCOL_VERSION,
     CancelRequest,
     DeadLetter,
     DoneReport,
     ErrorInfo,
+    Fence,
     Heartbeat,
+    HeartbeatReply,
+    HeldTask,
     InvalidRecord,
     JobRecord,
     JobSpec,
     Payload,
     Record,
     RetryPolicy,
+    RetryRequest,
     StartedTask,
     StartReport,
     TaskEnvelope,
     TaskEvent,
+    TaskRecord,
     parse,
 )
 from fleet.core.states import TaskState
@@ -65,39 +74,119 @@ def _sample_records() -> list[Record]:
         JobSpec(job_id="j", name="nightly", total=10, created_at=1.0, labels={"a": "b"}),
         CancelRequest(job_id="j", task_id="t", at=2.0),
         CancelRequest(job_id="j", at=2.0, reason="enough"),
+        RetryRequest(job_id="j", request_id="r1", at=2.5),
+        RetryRequest(
+            job_id="j",
+            request_id="r2",
+            failures=[FailureClass.TIMEOUT, FailureClass.LOST],
+            include_dead=True,
+            task_ids=["t", "u"],
+            at=2.5,
+        ),
         StartReport(
-            worker_id="w1", at=3.0, tasks=[StartedTask(task_id="t", job_id="j", attempt=1, delivery=2)]
+            worker_id="w1",
+            at=3.0,
+            tasks=[StartedTask(task_id="t", job_id="j", attempt=1, delivery=2, token=fencing.make(7, 2))],
         ),
         DoneReport(
             task_id="t",
             job_id="j",
             attempt=1,
             delivery=1,
+            token=fencing.make(7, 1),
             worker_id="w1",
             outcome="failed",
-            error=ErrorInfo(type="ValueError", message="bad", traceback="tb", retryable=False),
+            error=ErrorInfo(
+                type="ValueError",
+                message="bad",
+                traceback="tb",
+                retryable=False,
+                failure=FailureClass.TIMEOUT,
+                retry_after_s=2.5,
+            ),
             started_at=3.0,
             finished_at=4.0,
-            envelope=env,
         ),
         DoneReport(
             task_id="t",
             job_id="j",
             attempt=2,
             delivery=1,
+            token=fencing.make(9, 1),
             worker_id="w1",
             outcome="succeeded",
             result=Payload(size=3, data=b"\x93\x01\x02\x03"),
+            items=3,
             started_at=3.0,
             finished_at=4.0,
         ),
-        TaskEvent(kind="state", job_id="j", task_id="t", at=5.0, state=TaskState.RUNNING, worker_id="w1"),
-        TaskEvent(kind="progress", job_id="j", task_id="t", at=5.0, progress=0.5, message="half"),
-        JobRecord(job_id="j", total=2, submitted=2, counts={"succeeded": 2}, created_at=1.0, updated_at=6.0),
-        Heartbeat(
-            worker_id="w1", queue="q", host="h", pid=1, slots=4, busy=1, tasks=["j/t"], at=7.0, interval_s=1.0
+        TaskEvent(kind="progress", job_id="j", task_id="t", at=5.0, progress=0.5, message="half", token=7001),
+        TaskEvent(kind="log", job_id="j", task_id="t", at=5.0, message="hello", level="info", attempt=1),
+        TaskRecord(job_id="j", task_id="t", state=TaskState.QUEUED, rev=1, at=5.0, dispatch=1, seq=7),
+        TaskRecord(
+            job_id="j",
+            task_id="t",
+            state=TaskState.RETRYING,
+            rev=4,
+            at=5.5,
+            queue="gpu",
+            attempt=2,
+            dispatch=3,
+            seq=12,
+            token=fencing.make(12, 2),
+            worker_id="w1",
+            reason="boom",
+            failure=FailureClass.INFRA,
+            lost=1,
+            infra=2,
+            preempted=3,
+            not_before=9.0,
+            intake_seq=4,
+            result_seq=5,
+            blobs=["j/sha256:" + "0" * 64],
+            retry=RetryPolicy(max_attempts=5, max_lost_leases=2),
         ),
+        JobRecord(
+            job_id="j",
+            total=2,
+            submitted=2,
+            counts={"succeeded": 1, "failed": 1},
+            failures={"timeout": 1},
+            retries=2,
+            requeues=1,
+            stale_reports=3,
+            created_at=1.0,
+            updated_at=6.0,
+            finished_at=6.0,
+            retried_at=5.0,
+        ),
+        Heartbeat(
+            worker_id="w1",
+            queue="q",
+            host="h",
+            pid=1,
+            slots=4,
+            busy=1,
+            held=[HeldTask(job_id="j", task_id="t", token=7001)],
+            at=7.0,
+            interval_s=1.0,
+        ),
+        HeartbeatReply(
+            fence=[Fence(job_id="j", task_id="t", token=7001, reason="already succeeded", ack=True)],
+            known=False,
+        ),
+        HeartbeatReply(),
         DeadLetter(origin="intake", subject="fleet.intake.task.j.t", reason="bad", at=8.0, raw=b"\xc1\x00"),
+        DeadLetter(
+            origin="task",
+            subject="fleet.state.j.t",
+            reason="poison",
+            at=8.0,
+            job_id="j",
+            task_id="t",
+            failure=FailureClass.LOST,
+            attempt=2,
+        ),
     ]
 
 
@@ -220,6 +309,9 @@ def test_missing_required_field_named(field: str) -> None:
     ("overrides", "field"),
     [
         ({"created_at": "yesterday"}, "created_at"),
+        ({"created_at": float("nan")}, "created_at"),
+        ({"created_at": -1.0}, "created_at"),
+        ({"not_before": LATEST_TIME + 1}, "not_before"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"timeout_s": -1.0}, "timeout_s"),
         ({"attempt": 0}, "attempt"),
@@ -337,7 +429,7 @@ envelopes = st.builds(
     st.integers(1, 50),
     st.lists(st.text(max_size=8), max_size=3),
     st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
-    st.none() | st.floats(0, 1e10),
+    st.none() | st.floats(0, LATEST_TIME),
 )
 
 
@@ -353,11 +445,24 @@ def test_every_record_round_trips(record: Record) -> None:
     assert again == record
 
 
-def test_task_event_state_decodes_as_enum() -> None:
-    ev = TaskEvent(kind="state", job_id="j", task_id="t", at=1.0, state=TaskState.DEAD)
-    body = codec.unpack(ev.to_wire())
-    assert body["state"] == "dead"
-    assert TaskEvent.from_wire(ev.to_wire()).state is TaskState.DEAD
+def test_task_record_enums_decode_as_enums() -> None:
+    rec = TaskRecord(job_id="j", task_id="t", state=TaskState.DEAD, rev=1, at=1.0, failure=FailureClass.LOST)
+    body = codec.unpack(rec.to_wire())
+    assert (body["state"], body["failure"]) == ("dead", "lost")
+    again = TaskRecord.from_wire(rec.to_wire())
+    assert again.state is TaskState.DEAD
+    assert again.failure is FailureClass.LOST
+
+
+def test_task_record_defaults_and_limits() -> None:
+    rec = TaskRecord(job_id="j", task_id="t", state=TaskState.QUEUED, rev=1, at=1.0)
+    assert (rec.attempt, rec.dispatch, rec.seq, rec.token, rec.worker_id) == (1, 0, None, None, None)
+    assert (rec.lost, rec.infra, rec.preempted, rec.blobs, rec.retry) == (0, 0, 0, [], None)
+    body = {"job_id": "j", "task_id": "t", "state": "queued", "at": 1.0}
+    assert bad(TaskRecord, {**body, "rev": 0}).startswith("TaskRecord: rev: ")
+    assert bad(TaskRecord, {**body, "rev": 1, "state": "paused"}).startswith("TaskRecord: state: ")
+    assert bad(TaskRecord, {**body, "rev": 1, "task_id": "a.b"}).startswith("TaskRecord: task_id: ")
+    assert bad(TaskRecord, {**body, "rev": 1, "at": float("inf")}).startswith("TaskRecord: at: ")
 
 
 def test_done_report_outcome_checked() -> None:
@@ -366,6 +471,7 @@ def test_done_report_outcome_checked() -> None:
         "job_id": "j",
         "attempt": 1,
         "delivery": 1,
+        "token": 1001,
         "worker_id": "w",
         "outcome": "exploded",
         "started_at": 0,
@@ -374,16 +480,104 @@ def test_done_report_outcome_checked() -> None:
     assert bad(DoneReport, obj).startswith("DoneReport: outcome: ")
 
 
+@pytest.mark.parametrize("record", [DoneReport, StartedTask, HeldTask])
+def test_reports_need_a_token(record: type[Any]) -> None:
+    obj: dict[str, Any] = {
+        "task_id": "t",
+        "job_id": "j",
+        "attempt": 1,
+        "delivery": 1,
+        "worker_id": "w",
+        "outcome": "succeeded",
+        "started_at": 0,
+        "finished_at": 0,
+    }
+    with pytest.raises(ValidationError, match="token"):
+        record.model_validate(obj)
+    with pytest.raises(ValidationError, match="token"):
+        record.model_validate({**obj, "token": -1})
+    assert record.model_validate({**obj, "token": 1001}).token == 1001
+
+
+def test_done_report_has_no_envelope() -> None:
+    obj = {
+        "task_id": "t",
+        "job_id": "j",
+        "attempt": 1,
+        "delivery": 1,
+        "token": 1001,
+        "worker_id": "w",
+        "outcome": "succeeded",
+        "started_at": 0,
+        "finished_at": 0,
+        "envelope": base(),
+    }
+    report = parse(DoneReport, obj)
+    assert "envelope" not in report.model_dump()
+    assert "envelope" not in codec.unpack(report.to_wire())
+
+
+def test_error_info_defaults_to_a_retryable_error() -> None:
+    err = ErrorInfo(type="E", message="m")
+    assert (err.failure, err.retryable, err.retry_after_s) == (FailureClass.ERROR, True, None)
+
+
+@pytest.mark.parametrize(
+    ("given_s", "kept_s"),
+    [(2.5, 2.5), (0, 0.0), (-3, 0.0), (float("nan"), 0.0), (1e12, MAX_DELAY_S), (float("inf"), MAX_DELAY_S)],
+)
+def test_retry_after_is_cut_to_range(given_s: float, kept_s: float) -> None:
+    assert ErrorInfo(type="E", message="m", retry_after_s=given_s).retry_after_s == kept_s
+
+
+def test_error_info_failure_class_checked() -> None:
+    with pytest.raises(ValidationError, match="failure"):
+        ErrorInfo.model_validate({"type": "E", "message": "m", "failure": "gremlins"})
+    err = ErrorInfo.model_validate({"type": "E", "message": "m", "failure": "killed"})
+    assert err.failure is FailureClass.KILLED
+
+
+def test_retry_request_failure_classes_checked() -> None:
+    obj = {"job_id": "j", "request_id": "r", "at": 1.0}
+    assert parse(RetryRequest, {**obj, "failures": ["lost"]}).failures == [FailureClass.LOST]
+    assert bad(RetryRequest, {**obj, "failures": ["gremlins"]}).startswith("RetryRequest: failures.0: ")
+    assert bad(RetryRequest, {**obj, "request_id": "a b"}).startswith("RetryRequest: request_id: ")
+    assert bad(RetryRequest, {**obj, "task_ids": ["a.b"]}).startswith("RetryRequest: task_ids.0: ")
+
+
+def test_retry_policy_budgets() -> None:
+    policy = RetryPolicy()
+    assert (policy.max_attempts, policy.max_lost_leases, policy.max_infra, policy.max_preemptions) == (
+        3,
+        3,
+        10,
+        100,
+    )
+    for field in ("max_attempts", "max_lost_leases", "max_infra", "max_preemptions"):
+        with pytest.raises(ValidationError, match=field):
+            RetryPolicy.model_validate({field: 0})
+
+
+def test_heartbeat_reply_fences() -> None:
+    reply = HeartbeatReply(fence=[Fence(job_id="j", task_id="t", token=5, reason="x")])
+    assert reply.known is True
+    assert reply.fence[0].ack is False
+    again = HeartbeatReply.from_wire(reply.to_wire())
+    assert again == reply
+
+
 def test_task_event_kind_checked() -> None:
     obj = {"kind": "weird", "job_id": "j", "task_id": "t", "at": 0}
     assert bad(TaskEvent, obj).startswith("TaskEvent: kind: ")
+    # states travel as TaskRecords on fleet.state.<job>.<task>, not as events
+    assert bad(TaskEvent, {**obj, "kind": "state"}).startswith("TaskEvent: kind: ")
 
 
 def test_nested_start_report_error_path() -> None:
     obj = {
         "worker_id": "w",
         "at": 0,
-        "tasks": [{"task_id": "bad token", "job_id": "j", "attempt": 1, "delivery": 1}],
+        "tasks": [{"task_id": "bad token", "job_id": "j", "attempt": 1, "delivery": 1, "token": 1001}],
     }
     assert bad(StartReport, obj).startswith("StartReport: tasks.0.task_id: ")
 
@@ -391,10 +585,10 @@ def test_nested_start_report_error_path() -> None:
 def test_job_record_properties() -> None:
     rec = JobRecord(
         job_id="j",
-        counts={"succeeded": 2, "failed": 1, "running": 3, "queued": 1, "cancelled": 1},
+        counts={"succeeded": 2, "failed": 1, "running": 3, "queued": 1, "cancelled": 1, "dead": 1},
         created_at=0,
         updated_at=0,
     )
-    assert rec.done == 4
+    assert rec.done == 5
     assert not rec.finished
     assert JobRecord(job_id="j", created_at=0, updated_at=0, finished_at=5.0).finished

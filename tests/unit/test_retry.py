@@ -90,8 +90,8 @@ def test_backoff_without_jitter_is_monotonic(policy: RetryPolicy, attempt: int) 
 
 
 def test_backoff_does_not_overflow() -> None:
-    policy = RetryPolicy(max_attempts=40, multiplier=1e10, backoff_s=1.0, backoff_max_s=60.0, jitter=0.0)
-    assert backoff_delay(policy, 32) == 60.0
+    policy = RetryPolicy(max_attempts=1000, multiplier=100.0, backoff_s=1.0, backoff_max_s=60.0, jitter=0.0)
+    assert backoff_delay(policy, 999) == 60.0  # 100**998 overflows a float
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.core.states import TERMINAL, TRANSITIONS, IllegalTransition, TaskState, can_move, check_move
+from fleet.core.states import (
+    REOPEN,
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    TaskState,
+    can_move,
+    check_move,
+)
 
 ALL = list(TaskState)
 SOURCES: list[TaskState | None] = [None, *ALL]
@@ -104,6 +112,23 @@ def test_illegal_transition_is_value_error() -> None:
         check_move(TaskState.SUCCEEDED, TaskState.RUNNING)
     with pytest.raises(ValueError, match="from new to running"):
         check_move(None, TaskState.RUNNING)
+
+
+def test_reopen_only_failed_and_dead_to_queued() -> None:
+    assert {TaskState.FAILED: {TaskState.QUEUED}, TaskState.DEAD: {TaskState.QUEUED}} == REOPEN
+    assert set(REOPEN) <= TERMINAL
+    for src in (TaskState.FAILED, TaskState.DEAD):
+        assert can_move(src, TaskState.QUEUED, reopen=True)
+        assert not can_move(src, TaskState.QUEUED)  # only an operator's retry request reopens
+        with pytest.raises(IllegalTransition):
+            check_move(src, TaskState.QUEUED)
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda s: str(s or "new"))
+@pytest.mark.parametrize("dst", ALL, ids=str)
+def test_reopen_adds_nothing_but_the_reopen_table(src: TaskState | None, dst: TaskState) -> None:
+    extra = src is not None and dst in REOPEN.get(src, frozenset())
+    assert can_move(src, dst, reopen=True) is (can_move(src, dst) or extra)
 
 
 @given(st.lists(st.sampled_from(ALL), max_size=20))

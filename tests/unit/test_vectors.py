@@ -33,6 +33,9 @@ WIRE_RECORDS = {
     "TaskEvent",
     "JobRecord",
     "Heartbeat",
+    "HeartbeatReply",
+    "RetryRequest",
+    "TaskRecord",
     "DeadLetter",
 }
 
@@ -172,11 +175,11 @@ async def test_valid_vector_payload(vector: dict[str, Any]) -> None:
         assert payload["ref"] == codec.content_ref(stored)
         assert payload["ref"].startswith("sha256:") and len(payload["ref"]) == 7 + 64
         with pytest.raises(blobs.BlobMissing):
-            await blobs.load_payload(None, payload)
+            await blobs.load_payload(None, payload, job="j-vectors")
     else:
         stored = payload["data"]
         assert len(stored) <= blobs.DEFAULT_INLINE_LIMIT
-        assert_same(await blobs.load_payload(None, payload), expected)
+        assert_same(await blobs.load_payload(None, payload, job="j-vectors"), expected)
     raw = zstandard.ZstdDecompressor().decompress(stored) if enc == codec.ENC_ZSTD else stored
     assert payload["size"] == len(raw)
     assert (enc == codec.ENC_ZSTD) == (payload["size"] > codec.COMPRESS_OVER)
