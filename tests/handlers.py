@@ -92,3 +92,10 @@ def unserializable() -> object:
 
 def always_fails(x: Any) -> None:
     raise RuntimeError(f"transient failure for {x!r}, every time")
+
+
+def retry_at_infinity(x: Any, ctx: Any) -> None:
+    """Asks for an infinite retry delay (the scheduler must cut it, not die)."""
+    from fleet.worker.errors import Retry
+
+    raise Retry("try again at the end of time", delay_s=float("inf"))

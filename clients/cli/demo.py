@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from broker import names
 from broker.server import EmbeddedServer
 from clients.cli import stack
 from clients.sdk.client import FleetClient
@@ -160,7 +161,7 @@ def _summary(
         ("retries", f"{r.retries} (tasks that failed once on purpose, then succeeded)"),
         ("requeues", f"{r.requeues} (tasks taken from the killed worker)" if killed else str(r.requeues)),
         ("pi estimate", f"{pi:.5f} (error {abs(pi - math.pi):.5f}, {samples:,} samples)"),
-        ("results", f"{out} ; stream FLEET_REPORTS, subjects fleet.report.done.{r.job_id}.*"),
+        ("results", f"{out} ; stream {names.RESULTS_STREAM}, subjects {names.job_results_filter(r.job_id)}"),
     ]:
         table.add_row(k, v)
     console.print(table)

@@ -214,3 +214,49 @@ async def test_garbage_just_under_max_payload_is_dead_lettered(stack: Stack) -> 
     finally:
         crash = stack.forget_crashed_scheduler()
     assert crash is None, f"the scheduler crashed: {crash!r}"
+
+
+async def test_times_from_outside_are_bounded(stack: Stack) -> None:
+    """The fault audit's killers: `not_before: inf`, `Retry(delay_s=inf)`, a far-future not_before."""
+    await stack.up(workers=1)
+    fleet = stack.client
+    env = await fleet.envelope(job_id="j-inf", task_id="t1", handler="handlers:square", args=[2])
+    body = env.model_dump(mode="python", exclude_none=True)
+    body["not_before"] = float("inf")
+    await fleet.js.publish(names.intake_task("j-inf", "t1"), codec.pack(body))
+    state = await _final_state(fleet, "j-inf", "t1")
+    assert state.state == "dead" and "not_before" in (state.reason or "")
+
+    job, task = await fleet.submit("handlers:retry_at_infinity", 1)
+
+    async def waiting() -> TaskRecord | None:
+        rec = await fleet.state(job, task)
+        return rec if rec is not None and rec.state == "retrying" else None
+
+    rec = await wait_for(waiting, timeout=10, what="the task waiting for its (cut) retry delay")
+    assert rec.not_before is not None and 6.9 * 86400 < rec.not_before - rec.at <= 7 * 86400
+
+    far = await fleet.envelope(job_id="j-far", task_id="t1", handler="handlers:square", args=[3])
+    await fleet.js.publish(
+        names.intake_task("j-far", "t1"), far.model_copy(update={"not_before": 7.0e9}).to_wire()
+    )
+
+    async def held() -> TaskRecord | None:
+        rec = await fleet.state("j-far", "t1")
+        return rec if rec is not None and rec.state == "queued" else None
+
+    rec = await wait_for(held, timeout=10, what="the far-future task held by the scheduler")
+    assert rec.dispatch == 0 and rec.not_before == 7.0e9
+    info = await fleet.js.consumer_info(names.INTAKE_STREAM, names.INTAKE_CONSUMER)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0, "no redelivery loop"
+    await _still_works(stack)
+
+
+async def test_a_sweep_that_cannot_be_encoded_declares_nothing(stack: Stack) -> None:
+    await stack.up(workers=0)
+    fleet = stack.client
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        await fleet.submit_job("handlers:square", items=[1, object()], job_id="j-never")
+    with pytest.raises(ValueError):
+        await fleet.submit_job("not a handler", items=[1], job_id="j-never")
+    assert await count(fleet.js, names.INTAKE_STREAM, names.intake_job("j-never")) == 0

@@ -299,3 +299,54 @@ async def test_fleet_up_is_found_through_fleet_home(tmp_path: Path, home: Path) 
                 await proc.wait()
         log.close()
     assert not (home / "server.json").exists(), "fleet up left its server.json behind"
+
+
+async def test_retry_by_failure_class_and_the_dead_letter_queue(
+    stack: Stack, tmp_path: Path, home: Path
+) -> None:
+    """`fleet retry --errors CLASS`, `fleet dlq list|show|replay`, and failures in `status --json`."""
+    await stack.up(workers=1, concurrency=2)
+    client = stack.client
+    flaky = await client.submit_job("handlers:permanent", items=[1, 2], bundle=1)
+    bad = await client.submit_job("no_such_module_xyz:run", items=[1], bundle=1)
+    await client.wait_job(flaky, timeout=10)
+    await client.wait_job(bad, timeout=10)
+
+    st = await fleet("status", flaky, "--json", "--nats", stack.url, home=home)
+    assert st.rc == 0, st
+    assert json.loads(st.out)["failures"] == {"error": 2}
+    res = await fleet("results", flaky, "--nats", stack.url, home=home)
+    rows = [json.loads(line) for line in res.out.splitlines()]
+    assert [r["failure"] for r in rows] == ["error", "error"] and all(r["outcome"] == "failed" for r in rows)
+
+    # a class the job does not have re-runs nothing; an unknown class is a clear usage error
+    none = await fleet("retry", flaky, "--errors", "infra", "--nats", stack.url, home=home)
+    assert none.rc == 0, none
+    typo = await fleet("retry", flaky, "--errors", "netwrk", "--nats", stack.url, home=home)
+    assert typo.rc == 2 and "unknown failure class 'netwrk'" in typo.err_text, typo
+    again = await fleet("retry", flaky, "--errors", "error", "--nats", stack.url, home=home)
+    assert again.rc == 0 and "retry requested" in again.err_text, again
+
+    async def retried() -> bool:
+        rec = await client.job(flaky)
+        return rec is not None and rec.finished and rec.retries == 2
+
+    await wait_for(retried, timeout=10, what="both tasks re-run and failed again")
+    assert [r.attempt async for r in client.tasks(flaky)] == [2, 2]
+
+    listing = await fleet("dlq", "list", bad, "--json", "--nats", stack.url, home=home)
+    assert listing.rc == 0, listing
+    (letter,) = json.loads(listing.out)
+    assert letter["failure"] == "invalid" and "no_such_module_xyz" in letter["reason"]
+    show = await fleet("dlq", "show", bad, letter["task_id"], "--nats", stack.url, home=home)
+    assert show.rc == 0 and json.loads(show.out)["task_id"] == letter["task_id"], show
+    missing = await fleet("dlq", "show", bad, "t9999999", "--nats", stack.url, home=home)
+    assert missing.rc == 1 and "no dead letter" in missing.err_text, missing
+    replay = await fleet("dlq", "replay", bad, "--nats", stack.url, home=home)
+    assert replay.rc == 0 and "replay requested" in replay.err_text, replay
+
+    async def replayed() -> bool:
+        state = await client.state(bad, letter["task_id"])
+        return state is not None and state.attempt == 2 and state.state == "dead"
+
+    await wait_for(replayed, timeout=10, what="the dead task replayed (and dead again)")
