@@ -147,3 +147,34 @@ async def test_recovery_finishes_a_job_whose_last_task_ended_before_the_crash(st
 async def _all_in(fleet: object, job: str, state: TaskState, n: int) -> bool:
     states = [r.state async for r in fleet.tasks(job)]  # type: ignore[attr-defined]
     return len(states) == n and all(s == state for s in states)
+
+
+async def test_inputs_a_dead_scheduler_held_come_back_at_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler stuck on its effects (here: every dispatch fails) holds a batch unacknowledged;
+    its successor gets that batch at once (consumer reset), not after the 60 s AckWait."""
+    monkeypatch.setenv("FLEET_FAULTS", "dispatch=2.0")  # every dispatch attempt fails
+    sched, task = await _scheduler(stack)
+    fleet = await stack.connect()
+    job = await fleet.submit_job("handlers:square", items=range(10), bundle=1)
+
+    async def stuck() -> bool:
+        info = await fleet.js.consumer_info(names.INTAKE_STREAM, names.INTAKE_CONSUMER)
+        return (info.num_ack_pending or 0) > 0
+
+    await wait_for(stuck, timeout=10, what="the first scheduler holding the submissions")
+    task.cancel()  # dies without acknowledging anything
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.delenv("FLEET_FAULTS")
+
+    started = time.monotonic()
+    sched, task = await _scheduler(stack)
+    try:
+        await stack.start_worker()
+        record = await fleet.wait_job(job, timeout=20)
+        assert record.counts == {"succeeded": 10}
+        assert time.monotonic() - started < 15, "the held inputs waited for their AckWait"
+    finally:
+        await _stop(sched, task)
