@@ -270,30 +270,55 @@ def cancel(job: str, task: Annotated[str | None, typer.Option()] = None, nats: N
     err.print(f"cancel requested for {job}{'/' + task if task else ''}")
 
 
+FAILURE_ALIASES = {
+    "network": "infra",
+    "storage": "infra",
+    "oom": "killed",
+    "signal": "killed",
+    "application": "error",
+    "lease": "lost",
+    "preemption": "preempted",
+}
+
+
+def _failure_classes(values: list[str]) -> list[str]:
+    """Classes from ``--errors`` values: repeated or comma separated, with a few common aliases."""
+    from fleet.core.failures import FailureClass
+
+    known = {str(c) for c in FailureClass}
+    out = []
+    for value in values:
+        for word in filter(None, (w.strip().lower() for w in value.split(","))):
+            name = FAILURE_ALIASES.get(word, word)
+            if name not in known:
+                _fail(f"unknown failure class {word!r}; use one of: {', '.join(sorted(known))}", 2)
+            out.append(name)
+    return out
+
+
 @app.command()
 def retry(
     job: str,
     errors: Annotated[
         list[str] | None,
-        typer.Option("--errors", help="Only tasks whose last failure is of this class (repeatable)."),
+        typer.Option(
+            "--errors",
+            help="Only tasks whose last failure is of these classes (repeat, or comma separate; "
+            "'network' and 'storage' mean infra).",
+        ),
     ] = None,
     include_dead: Annotated[bool, typer.Option("--include-dead", help="Also re-run dead tasks.")] = False,
     nats: NatsOpt = None,
 ) -> None:
     """Re-run the failed tasks of JOB (classes: error timeout killed lost preempted infra invalid)."""
-    from fleet.core.failures import FailureClass
-
-    known = {str(c) for c in FailureClass}
-    bad = [e for e in errors or [] if e not in known]
-    if bad:
-        _fail(f"unknown failure class {bad[0]!r}; use one of: {', '.join(sorted(known))}", 2)
+    classes = _failure_classes(errors or [])
     url = _url_or_fail(nats)
 
     async def go() -> str:
         async with await FleetClient.connect(url) as fleet:
             if await fleet.job(job) is None:
                 raise FleetClientError(f"no job {job!r}")
-            return await fleet.retry(job, failures=errors or None, include_dead=include_dead)
+            return await fleet.retry(job, failures=classes or None, include_dead=include_dead)
 
     request = _run(go)
     err.print(f"retry requested for {job} ({request})")

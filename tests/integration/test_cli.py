@@ -320,7 +320,7 @@ async def test_retry_by_failure_class_and_the_dead_letter_queue(
     assert [r["failure"] for r in rows] == ["error", "error"] and all(r["outcome"] == "failed" for r in rows)
 
     # a class the job does not have re-runs nothing; an unknown class is a clear usage error
-    none = await fleet("retry", flaky, "--errors", "infra", "--nats", stack.url, home=home)
+    none = await fleet("retry", flaky, "--errors", "network,lost", "--nats", stack.url, home=home)
     assert none.rc == 0, none
     typo = await fleet("retry", flaky, "--errors", "netwrk", "--nats", stack.url, home=home)
     assert typo.rc == 2 and "unknown failure class 'netwrk'" in typo.err_text, typo
