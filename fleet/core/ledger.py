@@ -258,7 +258,11 @@ class Ledger:
     def done(self, report: DoneReport, now: float, raw: bytes = b"") -> list[Effect]:
         entry = self.task(report.job_id, report.task_id)
         job = self.jobs.get(report.job_id)
-        if entry is None or job is None or not self._accepts(entry, report):
+        if (
+            entry is None
+            or job is None
+            or not fencing.accepts(entry, report.token, report.attempt, report.worker_id)
+        ):
             if job is not None and (entry is None or entry.token != report.token):
                 job.stale_reports += 1
                 self._dirty_jobs.add(job.job_id)
@@ -291,17 +295,6 @@ class Ledger:
         if entry.state in (TaskState.FAILED, TaskState.DEAD) and report.outcome == "failed":
             out.append(SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire()))
         return out
-
-    @staticmethod
-    def _accepts(entry: TaskEntry, report: DoneReport) -> bool:
-        """Rule 2 of fleet.core.fencing: only the holder (or a newer delivery of its dispatch)."""
-        if entry.state not in (TaskState.QUEUED, TaskState.RUNNING) or report.attempt != entry.attempt:
-            return False
-        if entry.pending or entry.seq is None or fencing.seq_of(report.token) != entry.seq:
-            return False  # another dispatch's delivery, or a new dispatch not yet stored
-        if report.token == entry.token and entry.worker not in (None, report.worker_id):
-            return False  # the same delivery twice (a server lost its consumer state): first start wins
-        return report.token >= (entry.token or 0)
 
     def _failed(
         self,
@@ -392,7 +385,9 @@ class Ledger:
         """Rule 3 of fleet.core.fencing: deliveries this worker must stop."""
         fences: list[Fence] = []
         for h in hb.held:
-            verdict = self._fence(h.job_id, h.task_id, h.token, hb.worker_id)
+            job = self.jobs.get(h.job_id)
+            entry = job.tasks.get(h.task_id) if job is not None else None
+            verdict = fencing.fence(entry, h.token, hb.worker_id, job_pruned=job is not None and job.pruned)
             if verdict is not None:
                 reason, ack = verdict
                 fences.append(
@@ -400,37 +395,11 @@ class Ledger:
                 )
         return fences
 
-    def _fence(self, job_id: str, task_id: str, token: int, worker: str) -> tuple[str, bool] | None:
-        """(reason, ack) if the delivery with ``token`` must stop, else None."""
-        job = self.jobs.get(job_id)
-        entry = job.tasks.get(task_id) if job is not None else None
-        seq = fencing.seq_of(token)
-        if entry is None:
-            return ("job finished", True) if job is not None and job.pruned else None
-        if entry.state in TERMINAL:
-            return ("cancelled" if entry.state == TaskState.CANCELLED else f"already {entry.state}", True)
-        if entry.seq is not None and (seq < entry.seq or (entry.pending and seq == entry.seq)):
-            return "superseded by a newer dispatch", True
-        if entry.state == TaskState.RETRYING and entry.seq == seq:
-            return "outcome already recorded", True
-        held = entry.state == TaskState.RUNNING and entry.seq == seq and entry.token is not None
-        if held and token < (entry.token or 0):
-            return "lease lost to a newer delivery of the same message", False
-        if held and token == entry.token and entry.worker not in (None, worker):
-            # JetStream delivered the same message twice with the same count (its consumer state
-            # was lost in a server crash): the first start holds it
-            return f"delivery held by {entry.worker}", False
-        return None
-
     def confirmed(self, hb: Heartbeat) -> list[int]:
         """Tokens in ``hb`` that the state of record shows held by this worker."""
-        out = []
-        for h in hb.held:
-            entry = self.task(h.job_id, h.task_id)
-            held = entry is not None and entry.state == TaskState.RUNNING and entry.token == h.token
-            if held and entry is not None and entry.worker == hb.worker_id:
-                out.append(h.token)
-        return out
+        return [
+            h.token for h in hb.held if fencing.holds(self.task(h.job_id, h.task_id), h.token, hb.worker_id)
+        ]
 
     def is_pruned(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
