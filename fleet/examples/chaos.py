@@ -98,7 +98,8 @@ def highest_begun(store: str | Path, job: str, task: str) -> int:
 
 
 def fenced_commit(item: Any, ctx: Any, store: str, seconds: float = 0.2) -> dict[str, Any]:
-    """Work for ``seconds`` (in small steps, stopping early once fenced or cancelled), then commit."""
+    """Work for ``seconds`` (in small steps, stopping early once fenced or cancelled), have the scheduler
+    confirm this delivery as the task's holder (``ctx.confirm()``), then commit fenced by ``ctx.token``."""
     root = Path(store)
     begin(root, f"{ctx.job_id}.{ctx.task_id}", ctx.token)
     end = time.monotonic() + seconds

@@ -16,6 +16,7 @@ reports the rest ``preempted`` and acks them, and exits about a second later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -50,6 +51,9 @@ from fleet.worker.runner import Runner
 from fleet.worker.settings import WorkerSettings, default_worker_id
 from fleet.worker.slots import Slot, Slots
 
+RECENT_TOKENS = 10_000
+"""How many recently run tokens a worker remembers (to never run a repeated delivery twice)."""
+
 __all__ = ["Worker", "WorkerSettings", "serve"]
 
 log = logging.getLogger("fleet.worker")
@@ -67,6 +71,8 @@ class Worker:
         self.worker_id = names.check_token(self.s.worker_id or default_worker_id(), "worker id")
         self.slots = Slots(self.s.concurrency)
         self.running: dict[int, Running] = {}
+        self._recent: collections.OrderedDict[int, None] = collections.OrderedDict()
+        """Tokens this worker ran lately: a repeated delivery of one of them is never run again."""
         """Deliveries on this worker's loop, by fencing token."""
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -266,6 +272,11 @@ class Worker:
             meta = m.metadata
             delivery = max(1, meta.num_delivered or 1)
             token = fencing.make(meta.sequence.stream, delivery)
+            if token in self.running or token in self._recent:
+                # JetStream handed out a delivery this worker holds or just ran (a server crash lost
+                # the consumer's delivery count): the same message, so never a second run
+                log.warning("ignoring a repeated delivery of token %d on %s", token, m.subject)
+                continue
             try:
                 env = TaskEnvelope.from_wire(m.data)
             except ValueError as exc:  # the scheduler validated it: this is corruption
@@ -309,6 +320,9 @@ class Worker:
     def _forget(self, r: Running) -> None:
         self.registry.drop(r.token)
         self.running.pop(r.token, None)
+        self._recent[r.token] = None
+        while len(self._recent) > RECENT_TOKENS:
+            self._recent.popitem(last=False)
         r.ctx.close()
 
     # -- cancel, shutdown -------------------------------------------------------------------------------
