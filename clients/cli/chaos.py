@@ -221,7 +221,7 @@ async def drain_worker(fleet: ChaosFleet, opt: Options, res: RoundResult) -> Non
 async def kill_nats(fleet: ChaosFleet, opt: Options, res: RoundResult) -> None:
     """kill -9 of nats-server under load, restarted on the same port and store: work resumes."""
     job = await submit(fleet, opt.tasks, opt.seconds)
-    await wait_done(fleet, job, 0.2)
+    await wait_done(fleet, job, 0.2, opt.timeout)
     fleet.kill_server()
     await asyncio.sleep(opt.downtime)
     t_up = fleet.start_server()
@@ -242,7 +242,7 @@ async def kill_nats(fleet: ChaosFleet, opt: Options, res: RoundResult) -> None:
 
 async def kill_scheduler(fleet: ChaosFleet, opt: Options, res: RoundResult) -> None:
     job = await submit(fleet, opt.tasks, opt.seconds)
-    await wait_done(fleet, job, 0.2)
+    await wait_done(fleet, job, 0.2, opt.timeout)
     assert fleet.scheduler is not None
     fleet.signal(fleet.scheduler, signal.SIGKILL)
     await asyncio.sleep(opt.downtime)
