@@ -155,12 +155,18 @@ async def ensure_consumer(js: JetStreamContext, stream: str, want: api.ConsumerC
     return info
 
 
+SCHEDULER_ACK_WAIT_S = 10.0
+"""AckWait of the scheduler's input consumers: how long inputs a dead scheduler held wait before
+another scheduler gets them (a live one keeps slow batches with ``+WPI``; a restarted one also
+resets its consumers at start)."""
+
+
 def _scheduler_consumer(name: str, **kw: object) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=name,
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
-        ack_wait=60.0,
+        ack_wait=SCHEDULER_ACK_WAIT_S,
         max_ack_pending=100_000,
         max_deliver=-1,
         **kw,  # type: ignore[arg-type]

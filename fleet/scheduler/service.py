@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker import names
 from broker.codec import DecodeError
 from broker.connection import connect, shutdown
-from broker.provision import BusConfig, ensure_bus
+from broker.provision import SCHEDULER_ACK_WAIT_S, BusConfig, ensure_bus
 from broker.publisher import Publisher
 from fleet.core.effects import Effect
 from fleet.core.ledger import Ledger
@@ -145,13 +145,16 @@ class Scheduler:
             try:
                 msgs = await psub.fetch(self.s.batch, timeout=1.0)
             except (TimeoutError, FetchTimeoutError):
+                _still_cancelled()  # nats-py turns a cancelled fetch into a timeout
                 if reports:
                     self._reports_idle_at = time.monotonic()
                 continue
             except Exception as exc:  # disconnected, leader election: the client reconnects by itself
+                _still_cancelled()
                 log.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            _still_cancelled()
             if reports and len(msgs) < self.s.batch:
                 self._reports_idle_at = time.monotonic()
             done = asyncio.Event()
@@ -199,7 +202,7 @@ class Scheduler:
 
     async def _keep_inputs(self) -> None:
         """While effects are being retried, keep the inputs that caused them from being redelivered."""
-        if time.monotonic() - self._wpi_at < 20.0:
+        if time.monotonic() - self._wpi_at < SCHEDULER_ACK_WAIT_S / 3:
             return
         self._wpi_at = time.monotonic()
         for msg in self._current:
@@ -288,6 +291,13 @@ class Scheduler:
                 assert self.nc is not None
                 reply = HeartbeatReply(fence=fences, confirmed=self.ledger.confirmed(hb), known=known)
                 await self.nc.publish(msg.reply, reply.to_wire())
+
+
+def _still_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed (the task is still being cancelled)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _expect(subject: str, want: str) -> None:
