@@ -25,8 +25,6 @@ class WorkerView:
     last_seen: float = 0.0
     interval_s: float = 1.0
     stopping: bool = False
-    seeded: bool = False
-    """Known only from the state of record (after a restart), not yet heard from."""
 
 
 class WorkerTable:
@@ -54,7 +52,7 @@ class WorkerTable:
     def seed(self, worker_id: str, now: float, interval_s: float = 1.0) -> None:
         """A worker that held tasks before a restart: lost unless it beats within the deadline."""
         self.workers.setdefault(
-            worker_id, WorkerView(worker_id=worker_id, last_seen=now, interval_s=interval_s, seeded=True)
+            worker_id, WorkerView(worker_id=worker_id, last_seen=now, interval_s=interval_s)
         )
 
     def deadline(self, w: WorkerView) -> float:

@@ -305,8 +305,6 @@ class TaskRecord(Record):
     """While retrying: when the next attempt may be dispatched."""
     intake_seq: int | None = None
     """Stream sequence of the envelope in FLEET_INTAKE."""
-    result_seq: int | None = None
-    """Stream sequence of the accepted outcome in FLEET_RESULTS."""
     blobs: list[str] = []
     """Object-store names this task's payloads use (deleted with the job)."""
     retry: RetryPolicy | None = None

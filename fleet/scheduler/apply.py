@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 
 from broker import names
 from broker.publisher import Out, Publisher, PublishError
@@ -39,6 +40,8 @@ from fleet.scheduler.faults import Faults
 
 log = logging.getLogger("fleet.scheduler")
 T = TypeVar("T")
+ENVELOPE_READS = 256
+"""Envelopes read from the task store at once (a requeue of many tasks is not one read at a time)."""
 STATE_WINDOW = 2000
 """State records per publish window (a cancel of a million tasks goes out in slices)."""
 
@@ -110,11 +113,17 @@ class Applier:
                 await asyncio.sleep(0.1)
 
     async def _outs(self, effects: Sequence[Effect]) -> tuple[list[Out], list[str]]:
+        dispatches = [e for e in effects if isinstance(e, Dispatch)]
+        ready: dict[int, Out | None] = {}
+        for i in range(0, len(dispatches), ENVELOPE_READS):  # requeues and retries read their envelopes
+            part = dispatches[i : i + ENVELOPE_READS]
+            got = await self.durably("reading envelopes", functools.partial(self._dispatch_outs, part))
+            ready.update((id(d), out) for d, out in zip(part, got, strict=True))
         outs: list[Out] = []
         points: list[str] = []
         for eff in effects:
             if isinstance(eff, Dispatch):
-                out = await self.durably("reading an envelope", lambda d=eff: self._dispatch_out(d))  # type: ignore[misc]
+                out = ready[id(eff)]
                 if out is not None:
                     outs.append(out)
                     points.append("dispatch")
@@ -135,6 +144,9 @@ class Applier:
         for point in kinds:
             self.faults.after(point)
         return results
+
+    async def _dispatch_outs(self, part: list[Dispatch]) -> list[Out | None]:
+        return list(await asyncio.gather(*map(self._dispatch_out, part)))
 
     async def _dispatch_out(self, d: Dispatch) -> Out | None:
         env = d.envelope
@@ -216,12 +228,10 @@ class Applier:
                 self.job_revs[record.job_id] = await self.kv.create(record.job_id, data)
             else:
                 self.job_revs[record.job_id] = await self.kv.update(record.job_id, data, last=rev)
-        except (KeyWrongLastSequenceError, BucketNotFoundError, Exception) as exc:
-            if "wrong last sequence" not in str(exc).lower() and not isinstance(
-                exc, KeyWrongLastSequenceError
-            ):
-                raise
-            current = await self.kv.get(record.job_id)  # our earlier write landed, its answer was lost
+        except KeyWrongLastSequenceError:
+            # written before a restart (no revision known yet), or our last write landed but its
+            # answer was lost: take the stored revision and write again
+            current = await self.kv.get(record.job_id)
             self.job_revs[record.job_id] = await self.kv.update(record.job_id, data, last=current.revision)
 
     # -- phase 3 ---------------------------------------------------------------------------------

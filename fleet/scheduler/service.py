@@ -91,7 +91,6 @@ class Scheduler:
         self._reports_idle_at = time.monotonic()
         self._last_tick = time.monotonic()
         self._slow_at = 0.0
-        self.stale_heartbeats = 0
 
     def stop(self) -> None:
         self.stopping.set()

@@ -50,7 +50,6 @@ def test_beat_records_the_view() -> None:
         last_seen=100.0,
         interval_s=2.0,
         stopping=True,
-        seeded=False,
     )
     assert table.beat(hb("w1"), now=101.0) is True
     assert table.alive()[0].held == 0 and table.alive()[0].last_seen == 101.0
@@ -111,9 +110,8 @@ def test_seeded_worker_is_lost_unless_it_beats() -> None:
     table = WorkerTable(missed=2.5)
     table.seed("ghost", now=100.0)
     table.seed("back", now=100.0, interval_s=2.0)
-    assert table.workers["ghost"].seeded
+    assert "ghost" in table.workers
     assert table.beat(hb("back", interval=2.0), now=101.0) is True  # known from the state of record
-    assert not table.workers["back"].seeded
     assert ids(table.expire(102.6)) == ["ghost"]
     assert ids(table.alive()) == ["back"]
 
@@ -123,7 +121,7 @@ def test_seed_never_replaces_a_worker_heard_from() -> None:
     table.beat(hb("w1", busy=3), now=5.0)
     table.seed("w1", now=1.0)
     view = table.workers["w1"]
-    assert (view.seeded, view.busy, view.last_seen) == (False, 3, 5.0)
+    assert (view.busy, view.last_seen) == (3, 5.0)
 
 
 def test_alive_is_sorted() -> None:

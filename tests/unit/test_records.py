@@ -142,7 +142,6 @@ def _sample_records() -> list[Record]:
             preempted=3,
             not_before=9.0,
             intake_seq=4,
-            result_seq=5,
             blobs=["j/sha256:" + "0" * 64],
             retry=RetryPolicy(max_attempts=5, max_lost_leases=2),
         ),
