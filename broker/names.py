@@ -10,6 +10,7 @@ subject                                    stream              what travels on i
 ``fleet.intake.task.<job>.<task>``         FLEET_INTAKE        one task's envelope, kept until archive
 ``fleet.intake.cancel.<job>[.<task>]``     FLEET_INTAKE        a cancellation request (kept: it sticks)
 ``fleet.intake.retry.<job>.<request>``     FLEET_INTAKE        re-run a job's failed tasks (``fleet retry``)
+``fleet.intake.prio.<job>.<request>``      FLEET_INTAKE        change waiting tasks' priority (``fleet prioritize``)
 ``fleet.task.<queue>.<job>.<task>``        FLEET_TASKS (WQ)    one dispatch of a task, pulled by workers
 ``fleet.report.start.<worker>``            FLEET_REPORTS (WQ)  a worker started a batch of deliveries
 ``fleet.report.done.<job>.<task>``         FLEET_REPORTS       the outcome of one delivery
@@ -21,10 +22,13 @@ subject                                    stream              what travels on i
 ``fleet.dlq.task.<job>.<task>``            FLEET_DLQ           a task that ended dead, and why
 ``fleet.hb.<worker>``                      (core NATS)         heartbeat request; the reply fences
 ``fleet.ctl.cancel.<job>``                 (core NATS)         fast path: stop a job's running tasks
+``fleet.ctl.tokens.<limiter>``             (core NATS)         request a lease of rate-limit tokens
+``fleet.ctl.policy``                       (core NATS)         hint: the policy in KV changed
 =========================================  ==================  ==========================================
 
 "1/s" streams keep one message per subject and no age limit: they are records, removed only when
-their job is archived. KV bucket ``fleet_jobs`` holds one JobRecord per job (no TTL); object store
+their job is archived. KV bucket ``fleet_jobs`` holds one JobRecord per job (no TTL); KV bucket ``fleet_policy`` holds
+the scheduling policy (key ``policy``, YAML text) and usage accounting (``usage.<tenant>``); object store
 ``fleet_blobs`` holds offloaded payloads under ``<job>/sha256:<hex>``.
 
 User-supplied identifiers (job ids, task ids, queue names, tenants, worker ids) become subject
@@ -56,6 +60,14 @@ JOBS_BUCKET = "fleet_jobs"
 BLOBS_BUCKET = "fleet_blobs"
 JOBS_KV_SUBJECTS = f"$KV.{JOBS_BUCKET}.>"
 JOBS_KV_STREAM = f"KV_{JOBS_BUCKET}"
+POLICY_BUCKET = "fleet_policy"
+POLICY_KEY = "policy"
+"""The scheduling policy (YAML text, validated by ``fleet.policy.config``) in ``POLICY_BUCKET``."""
+
+
+def usage_key(tenant: str) -> str:
+    """A tenant's usage accounting (``fleet.policy.budget.Usage``) in ``POLICY_BUCKET``."""
+    return f"usage.{check_token(tenant, 'tenant')}"
 
 # Event kinds (last token of an event subject)
 EVENT_STATE = "state"
@@ -87,7 +99,12 @@ def is_token(value: object) -> bool:
 
 # ---- intake (the task store) ----------------------------------------------------------------------
 INTAKE_TASKS = f"{PREFIX}.intake.task.>"
-CONTROL_FILTERS = (f"{PREFIX}.intake.job.>", f"{PREFIX}.intake.cancel.>", f"{PREFIX}.intake.retry.>")
+CONTROL_FILTERS = (
+    f"{PREFIX}.intake.job.>",
+    f"{PREFIX}.intake.cancel.>",
+    f"{PREFIX}.intake.retry.>",
+    f"{PREFIX}.intake.prio.>",
+)
 INTAKE_SUBJECTS = (INTAKE_TASKS, *CONTROL_FILTERS)
 """Only these kinds are stored: a publish to any other ``fleet.intake.*`` subject is refused at once."""
 
@@ -108,6 +125,10 @@ def intake_retry(job: str, request: str) -> str:
     return f"{PREFIX}.intake.retry.{job}.{request}"
 
 
+def intake_prioritize(job: str, request: str) -> str:
+    return f"{PREFIX}.intake.prio.{job}.{request}"
+
+
 def job_intake_filters(job: str) -> tuple[str, ...]:
     """Everything a job left in the intake stream (purged when the job is archived)."""
     p = f"{PREFIX}.intake"
@@ -117,6 +138,7 @@ def job_intake_filters(job: str) -> tuple[str, ...]:
         f"{p}.cancel.{job}",
         f"{p}.cancel.{job}.*",
         f"{p}.retry.{job}.*",
+        f"{p}.prio.{job}.*",
     )
 
 
@@ -227,6 +249,13 @@ def heartbeat_subject(worker: str) -> str:
 
 
 CANCELS = f"{PREFIX}.ctl.cancel.*"
+POLICY_CHANGED = f"{PREFIX}.ctl.policy"
+TOKENS = f"{PREFIX}.ctl.tokens.*"
+
+
+def tokens_subject(limiter: str) -> str:
+    """Request/reply: a worker asks the scheduler for a lease of ``limiter``'s tokens."""
+    return f"{PREFIX}.ctl.tokens.{check_token(limiter, 'limiter')}"
 
 
 def cancel_subject(job: str) -> str:
@@ -275,6 +304,10 @@ def msgid_start(worker: str, token: int) -> str:
 
 def msgid_done(job: str, task: str, token: int) -> str:
     return f"done:{job}/{task}:{token}"
+
+
+def msgid_prioritize(job: str, request: str) -> str:
+    return f"prio:{job}/{request}"
 
 
 def msgid_dead(job: str, task: str, attempt: int, dispatch: int) -> str:

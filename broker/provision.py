@@ -176,7 +176,7 @@ def _scheduler_consumer(name: str, **kw: object) -> api.ConsumerConfig:
 async def ensure_bus(
     js: JetStreamContext, cfg: BusConfig = BusConfig(), *, authoritative: bool = False
 ) -> None:
-    """Streams, scheduler consumers, the jobs KV bucket and the blob store."""
+    """Streams, scheduler consumers, the jobs and policy KV buckets and the blob store."""
     for sc in stream_configs(cfg):
         await ensure_stream(js, sc, authoritative=authoritative)
     consumers = [
@@ -197,6 +197,12 @@ async def ensure_bus(
     except BucketNotFoundError:
         await js.create_key_value(
             api.KeyValueConfig(bucket=names.JOBS_BUCKET, history=1, replicas=cfg.replicas)
+        )
+    try:
+        await js.key_value(names.POLICY_BUCKET)
+    except BucketNotFoundError:
+        await js.create_key_value(
+            api.KeyValueConfig(bucket=names.POLICY_BUCKET, history=5, replicas=cfg.replicas)
         )
     try:
         await js.object_store(names.BLOBS_BUCKET)

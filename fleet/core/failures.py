@@ -13,6 +13,7 @@ lost         the lease was lost: worker died, hung or was cut off    ``max_lost_
 preempted    the node was reclaimed (spot notice, drain)             ``max_preemptions``     failed
 infra        network or storage failed around the task               ``max_infra``           failed
 invalid      the input can never run (undecodable, no such handler)  none                    dead
+rejected     refused by policy at admission (tenant's max_pending)   none                    dead
 ===========  ======================================================  ======================  =====================
 
 Only the first three use up the application's attempts (and move to the next attempt number); a
@@ -34,6 +35,7 @@ class FailureClass(enum.StrEnum):
     PREEMPTED = "preempted"
     INFRA = "infra"
     INVALID = "invalid"
+    REJECTED = "rejected"
 
 
 ATTEMPT_CLASSES = frozenset({FailureClass.ERROR, FailureClass.TIMEOUT, FailureClass.KILLED})
@@ -75,6 +77,8 @@ def decide(budgets: Budgets, cls: FailureClass, c: Counters, *, retryable: bool 
     """What to do after a failure of class ``cls``; ``c`` already counts this failure."""
     if cls == FailureClass.INVALID:
         return Verdict("dead", "invalid input: it can never run")
+    if cls == FailureClass.REJECTED:
+        return Verdict("dead", "refused by policy")
     if cls == FailureClass.LOST:
         if c.lost >= budgets.max_lost_leases:
             return Verdict("dead", f"poison: lost its lease {c.lost} times (limit {budgets.max_lost_leases})")

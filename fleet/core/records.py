@@ -28,6 +28,7 @@ from fleet.core.failures import FailureClass
 from fleet.core.states import TERMINAL, TaskState
 
 PROTOCOL_VERSION = 1
+DEFAULT_PRIORITY = 5
 
 MAX_DELAY_S = 7 * 24 * 3600.0
 """Longest retry delay a handler or a policy may ask for; longer requests are cut to this."""
@@ -153,8 +154,16 @@ class TaskEnvelope(Record):
     payload: Payload
     tenant: Token = "default"
     queue: Token = "default"
-    priority: int = Field(default=5, ge=0, le=9)
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
+    """0..9 within the tenant: 9 runs first, 5 is the default (``fleet.policy.order``)."""
+    qos: Token | None = None
+    """QoS class (``urgent``, ``normal``, ``backfill`` or one the policy names); the job's or the
+    tenant's default when absent."""
+    project: Token | None = None
+    """Fair-share account within the tenant; the job's when absent."""
     resources: Resources = Resources()
+    limits: dict[Token, Annotated[float, Field(gt=0, le=1e6)]] = {}
+    """Tokens this task takes from named rate limiters when it is dispatched (``{"api-x": 1}``)."""
     retry: RetryPolicy = RetryPolicy()
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
     idempotency_key: str | None = Field(default=None, max_length=256)
@@ -185,6 +194,10 @@ class JobSpec(Record):
     total: int | None = Field(default=None, ge=0)
     created_at: Time
     labels: dict[str, str] = {}
+    qos: Token | None = None
+    """The job's QoS class; the tenant's default when absent."""
+    project: Token | None = None
+    """The job's fair-share account within its tenant (``default`` when absent)."""
 
 
 class CancelRequest(Record):
@@ -207,6 +220,24 @@ class RetryRequest(Record):
     task_ids: list[Token] | None = None
     """Only these tasks (``fleet dlq replay``)."""
     at: Time
+
+
+class PrioritizeRequest(Record):
+    """Change the priority (and optionally the QoS class) of a job's waiting tasks
+    (``fleet prioritize``); later submissions of the job get it too unless ``task_ids`` is given."""
+
+    job_id: Token
+    request_id: Token
+    priority: int | None = Field(default=None, ge=0, le=9)
+    qos: Token | None = None
+    task_ids: list[Token] | None = None
+    at: Time
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.priority is None and self.qos is None:
+            raise ValueError("a prioritize request needs a priority or a qos class")
+        return self
 
 
 class StartedTask(BaseModel):
@@ -309,6 +340,7 @@ class TaskRecord(Record):
     """Object-store names this task's payloads use (deleted with the job)."""
     retry: RetryPolicy | None = None
     """The task's retry budgets when they differ from the defaults."""
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
 
 
 class JobRecord(Record):
@@ -333,6 +365,12 @@ class JobRecord(Record):
     cancelled: bool = False
     retried_at: Time | None = None
     """``at`` of the last retry request applied (an older or repeated one is ignored)."""
+    waiting: str | None = None
+    """Why the job's queued tasks are not running yet (``quota lab-a 50/50``, ``priority``...)."""
+    priority: int | None = None
+    """The priority ``fleet prioritize`` set for the whole job."""
+    qos: str | None = None
+    project: str | None = None
 
     @property
     def done(self) -> int:

@@ -2,15 +2,18 @@
 
 ::
 
-                 +-------------- cancel ---------------+
-                 |                                     v
-    (submit) -> QUEUED -> RUNNING -> SUCCEEDED     CANCELLED
-                 ^  ^        |  \\
-                 |  |        |   +-> FAILED  (attempt failed, no retry left or not retryable)
-                 |  |        |   +-> DEAD    (poison: rejected input, lease lost too often)
-                 |  +- lease lost (worker died; JetStream redelivers) -+
-                 |           v
-                 +------- RETRYING (attempt failed, waits out its backoff)
+                 +----------------- cancel ------------------+
+                 |                                           v
+    (submit) -> QUEUED -> DISPATCHED -> RUNNING -> SUCCEEDED  CANCELLED
+                 ^  ^                    |  \\
+                 |  |                    |   +-> FAILED  (attempt failed, no retry left or not retryable)
+                 |  |                    |   +-> DEAD    (poison: rejected input, lease lost too often)
+                 |  +---- lease lost (worker died; requeued) -+
+                 |                       v
+                 +---------------- RETRYING (attempt failed, waits out its backoff)
+
+QUEUED tasks wait in the scheduler's waiting room (``fleet.policy.room``), which releases them just
+in time into the work queue: they are then DISPATCHED until a worker reports their start.
 
 A submission the scheduler cannot admit (bad fields, unknown encoding) goes straight to DEAD with a
 dead-letter record. Terminal states never change again, with one exception: an operator's explicit
@@ -25,7 +28,9 @@ import enum
 
 class TaskState(enum.StrEnum):
     QUEUED = "queued"
-    """Admitted; waiting for a worker (in the scheduler, or dispatched to the work queue)."""
+    """Admitted; waiting in the scheduler's waiting room (the job record says why)."""
+    DISPATCHED = "dispatched"
+    """Released into the work queue for the next free worker; not started yet."""
     RUNNING = "running"
     """Held by a worker under a lease that its heartbeats keep alive."""
     RETRYING = "retrying"
@@ -44,9 +49,20 @@ TERMINAL: frozenset[TaskState] = frozenset(
     {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DEAD, TaskState.CANCELLED}
 )
 
+ACTIVE: frozenset[TaskState] = frozenset({TaskState.DISPATCHED, TaskState.RUNNING})
+"""Tasks that hold (or are about to hold) a worker slot: what quotas and the runway count."""
+WAITING: frozenset[TaskState] = frozenset({TaskState.QUEUED, TaskState.RETRYING})
+"""Tasks that are pending (what ``max_pending`` counts)."""
+
 TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
     None: frozenset({TaskState.QUEUED, TaskState.DEAD, TaskState.CANCELLED}),
-    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.DEAD}),
+    TaskState.QUEUED: frozenset(
+        # RUNNING: the start of a dispatch whose record a crash lost (first start wins)
+        {TaskState.DISPATCHED, TaskState.RUNNING, TaskState.CANCELLED, TaskState.DEAD}
+    ),
+    TaskState.DISPATCHED: frozenset(
+        {TaskState.RUNNING, TaskState.QUEUED, TaskState.CANCELLED, TaskState.DEAD}
+    ),
     TaskState.RUNNING: frozenset(
         {
             TaskState.SUCCEEDED,

@@ -70,6 +70,8 @@ class SchedulerSettings(BaseSettings):
     """Finished jobs are archived (records, inputs, results, events and blobs removed) after this."""
     history_s: float = 72 * 3600.0
     """Age limit of the event history (progress, logs, state history, job events)."""
+    policy_file: str | None = None
+    """A policy YAML file (``fleet.policy.config``) stored in KV at start; else the stored one."""
 
 
 class Scheduler:
