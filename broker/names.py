@@ -69,6 +69,7 @@ def usage_key(tenant: str) -> str:
     """A tenant's usage accounting (``fleet.policy.budget.Usage``) in ``POLICY_BUCKET``."""
     return f"usage.{check_token(tenant, 'tenant')}"
 
+
 # Event kinds (last token of an event subject)
 EVENT_STATE = "state"
 EVENT_PROGRESS = "progress"

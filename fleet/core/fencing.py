@@ -54,7 +54,7 @@ def describe(token: int | None) -> str:
 
 def accepts(entry: TaskEntry, token: int, attempt: int, worker: str) -> bool:
     """Rule 2: may the outcome of delivery ``token`` (from ``worker``) be applied to ``entry``?"""
-    if entry.state not in (TaskState.QUEUED, TaskState.RUNNING) or attempt != entry.attempt:
+    if entry.state not in (TaskState.DISPATCHED, TaskState.RUNNING) or attempt != entry.attempt:
         return False
     if entry.pending or entry.seq is None or seq_of(token) != entry.seq:
         return False  # another dispatch's delivery, or a new dispatch not yet stored
@@ -72,6 +72,8 @@ def fence(entry: TaskEntry | None, token: int, worker: str, *, job_pruned: bool)
         return ("cancelled" if entry.state == TaskState.CANCELLED else f"already {entry.state}", True)
     if entry.seq is not None and (seq < entry.seq or (entry.pending and seq == entry.seq)):
         return "superseded by a newer dispatch", True
+    if entry.state == TaskState.QUEUED and entry.seq is not None and seq <= entry.seq:
+        return "requeued", True  # its old message is deleted; the task waits for a new dispatch
     if entry.state == TaskState.RETRYING and entry.seq == seq:
         return "outcome already recorded", True
     held = entry.state == TaskState.RUNNING and entry.seq == seq and entry.token is not None

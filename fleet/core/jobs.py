@@ -33,10 +33,17 @@ class JobStats:
     blobs: set[str] = dataclasses.field(default_factory=set)
     archiving: bool = False
     retried_at: float | None = None
+    qos: str | None = None
+    project: str | None = None
+    priority: int | None = None
+    """Set by ``fleet prioritize`` for the whole job: overrides its tasks' own priorities."""
+    waiting: str | None = None
+    """Why its queued tasks wait (``fleet.policy.room``), or None."""
 
     def apply_spec(self, spec: JobSpec) -> None:
         self.name, self.tenant, self.queue = spec.name, spec.tenant, spec.queue
         self.total, self.declared = spec.total, True
+        self.qos, self.project = spec.qos or self.qos, spec.project or self.project
         self.created_at = min(self.created_at, spec.created_at)
 
     def apply_record(self, r: JobRecord) -> None:
@@ -46,6 +53,7 @@ class JobStats:
         self.retries, self.requeues, self.stale_reports = r.retries, r.requeues, r.stale_reports
         self.cancelled, self.finished_at, self.updated_at = r.cancelled, r.finished_at, r.updated_at
         self.created_at, self.retried_at = r.created_at, r.retried_at
+        self.waiting, self.priority, self.qos, self.project = r.waiting, r.priority, r.qos, r.project
 
     def count(self, src: TaskState | None, dst: TaskState | None) -> None:
         if src is not None:
@@ -112,4 +120,8 @@ class JobStats:
             finished_at=self.finished_at,
             cancelled=self.cancelled,
             retried_at=self.retried_at,
+            waiting=self.waiting,
+            priority=self.priority,
+            qos=self.qos,
+            project=self.project,
         )

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable
 
 from broker import names
 from fleet.core import failures, fencing, retry
+from fleet.core.dispatch import Dispatching
 from fleet.core.effects import (
     Archive,
     Broadcast,
     DeleteDispatch,
-    Dispatch,
     Effect,
     Publish,
     Purge,
@@ -46,7 +46,7 @@ from fleet.core.records import (
     TaskRecord,
 )
 from fleet.core.states import TERMINAL, TaskState, can_move
-from fleet.core.tasks import TaskEntry, intern_policy
+from fleet.core.tasks import TaskEntry, shape_of
 
 log = logging.getLogger("fleet.scheduler")
 
@@ -55,8 +55,9 @@ DEAD_LETTER_RAW_LIMIT = 64 * 1024
 Key = tuple[str, str]
 
 
-class Ledger:
+class Ledger(Dispatching):
     def __init__(self, rand: Callable[[], float] = random.random) -> None:
+        super().__init__()
         self.rand = rand
         self.jobs: dict[str, JobStats] = {}
         self._by_worker: dict[str, set[Key]] = {}
@@ -95,6 +96,9 @@ class Ledger:
             return False
         job = self.job(entry.job_id, now)
         job.count(src, dst)
+        self._account(entry, src, dst, job, now)
+        if entry.waiting:
+            self._leave_room(entry, job, now)
         if src in (TaskState.FAILED, TaskState.DEAD):
             job.count_failure(entry.failure, None)
         if dst in (TaskState.FAILED, TaskState.DEAD):
@@ -120,18 +124,13 @@ class Ledger:
         job.check_finished(now)
         self._dirty_jobs.add(job.job_id)
 
-    def _dispatch(self, entry: TaskEntry, now: float, env: TaskEnvelope | None = None) -> list[Effect]:
-        """QUEUED and on its way to the work queue as a new message (a new fencing base)."""
-        if entry.state != TaskState.QUEUED and not self._move(entry, TaskState.QUEUED, now, entry.reason):
-            return []
-        entry.dispatch += 1
-        entry.pending, entry.token = True, None
-        self._touch(entry, self.job(entry.job_id, now), now)
-        return [
-            Dispatch(
-                entry.job_id, entry.task_id, entry.queue, entry.attempt, entry.dispatch, entry.intake_seq, env
-            )
-        ]
+    def add_blob(self, job_id: str, task_id: str, blob: str) -> None:
+        """The shell found an offloaded payload in a dispatched envelope: deleted with the job."""
+        entry = self.task(job_id, task_id)
+        if entry is not None and blob not in entry.blobs:
+            entry.blobs = (*entry.blobs, blob)
+            self.jobs[job_id].blobs.add(blob)
+            self._dirty_tasks[entry.key] = entry
 
     def dispatched(self, job_id: str, task_id: str, dispatch: int, seq: int) -> None:
         """The shell stored dispatch number ``dispatch`` as stream sequence ``seq``."""
@@ -148,6 +147,8 @@ class Ledger:
     def declare(self, spec: JobSpec, now: float) -> list[Effect]:
         job = self.job(spec.job_id, now)
         job.apply_spec(spec)
+        if job.job_id in self.room.jobs:
+            self._rehome(job, now)  # its tasks came first: they now wait where the job says
         self._touch_job(job, now)
         return []
 
@@ -158,21 +159,49 @@ class Ledger:
 
     def admit(self, env: TaskEnvelope, now: float, intake_seq: int | None = None) -> list[Effect]:
         job = self.job(env.job_id, now)
-        if env.task_id in job.tasks:
+        if env.task_id in job.tasks or (
+            intake_seq is not None and self.room.contains(job.job_id, intake_seq)
+        ):
             return []  # a duplicate or late submission: already handled
+        if job.submitted == 0 and not job.declared:  # no declaration (yet): the task says
+            job.tenant, job.queue = env.tenant, env.queue
+            job.qos, job.project = env.qos or job.qos, env.project or job.project
+        if env.payload.ref:
+            job.blobs.add(names.blob_name(env.job_id, env.payload.ref))
+        shape = shape_of(env)
+        refused = None if job.cancelled else self._refusal(job, env)
+        if intake_seq is not None and not job.cancelled and refused is None and not self._later(env, now):
+            self._wait_new(job, env, intake_seq, shape, now)
+            self._touch_job(job, now)
+            return []
         entry = self._new_entry(job, env.task_id)
-        entry.queue, entry.retry, entry.intake_seq = env.queue, intern_policy(env.retry), intake_seq
+        entry.queue, entry.shape, entry.intake_seq = env.queue, shape, intake_seq
+        entry.priority = self.band(job, env.priority)
         if env.payload.ref:
             entry.blobs = (names.blob_name(env.job_id, env.payload.ref),)
-            job.blobs.update(entry.blobs)
         if job.cancelled:
             self._move(entry, TaskState.CANCELLED, now, "job cancelled")
             return []
-        if env.not_before is not None and env.not_before > now:
+        if refused is not None:
+            entry.failure = refused[0]
+            self._move(entry, TaskState.DEAD, now, refused[1])
+            return [self._letter(entry, refused[1], now)]
+        if self._later(env, now):
+            assert env.not_before is not None
             self._move(entry, TaskState.QUEUED, now, f"not before {env.not_before:.0f}")
             self._arm(entry, env.not_before)
             return []
-        return self._dispatch(entry, now, env)
+        return self._enqueue(entry, now)
+
+    @staticmethod
+    def _later(env: TaskEnvelope, now: float) -> bool:
+        return env.not_before is not None and env.not_before > now
+
+    def _refusal(self, job: JobStats, env: TaskEnvelope) -> tuple[FailureClass, str] | None:
+        if env.tenant != job.tenant:
+            return FailureClass.INVALID, f"task tenant {env.tenant!r} differs from its job's {job.tenant!r}"
+        blocked = self.gate.admit_block(job.tenant)
+        return (FailureClass.REJECTED, blocked) if blocked is not None else None
 
     def reject(self, job_id: str, task_id: str, reason: str, now: float) -> list[Effect]:
         """Input that can never run: the task ends DEAD with the reason."""
@@ -189,12 +218,17 @@ class Ledger:
         out: list[Effect] = [Broadcast(names.cancel_subject(req.job_id), req)]
         if req.task_id is None:
             job.cancelled = True
+            self._take_all_new(job, now)
             targets: Iterable[TaskEntry] = list(job.tasks.values())
             out.append(Purge(names.TASKS_STREAM, names.job_tasks_filter(req.job_id)))
         elif job.pruned and req.task_id not in job.tasks:
             return out  # the job finished long ago: its tasks are all terminal
         else:
-            entry = job.tasks.get(req.task_id) or self._new_entry(job, req.task_id)
+            entry = (
+                job.tasks.get(req.task_id)
+                or self._take_new(job, req.task_id, now)
+                or self._new_entry(job, req.task_id)
+            )
             targets = [entry]
             out.append(Purge(names.TASKS_STREAM, names.task_subject(entry.queue, req.job_id, req.task_id)))
         for entry in targets:
@@ -225,7 +259,7 @@ class Ledger:
             c.attempt, c.lost, c.infra, c.preempted = c.attempt + 1, 0, 0, 0
             self._move(entry, TaskState.QUEUED, now, f"retry requested ({req.request_id})", reopen=True)
             job.retries += 1
-            out += self._dispatch(entry, now)
+            out += self._enqueue(entry, now)
         self._touch_job(job, now)
         return out
 
@@ -239,9 +273,11 @@ class Ledger:
             seq = fencing.seq_of(t.token)
             if entry.seq is not None and seq < entry.seq:
                 continue  # an older dispatch
-            if entry.state == TaskState.QUEUED:
+            if entry.state in (TaskState.QUEUED, TaskState.DISPATCHED):
                 if entry.dispatch == 0:
                     continue  # not dispatched by us (yet): a stray message
+                if entry.state == TaskState.QUEUED and entry.seq is not None and seq <= entry.seq:
+                    continue  # an old dispatch of a requeued task: fenced by the next heartbeat
                 entry.seq = seq
                 self._hold(entry, report.worker_id, t.token)
                 self._move(entry, TaskState.RUNNING, now)
@@ -267,10 +303,13 @@ class Ledger:
                 job.stale_reports += 1
                 self._dirty_jobs.add(job.job_id)
             return []
-        if entry.state == TaskState.QUEUED:  # its start report was not seen (or lost)
+        if entry.state == TaskState.DISPATCHED:  # its start report was not seen (or lost)
             self._hold(entry, report.worker_id, report.token)
             self._move(entry, TaskState.RUNNING, now)
         entry.token = report.token
+        self.gate.ran(
+            job.tenant, job.project or "default", entry.shape, report.finished_at - report.started_at, now
+        )
         if report.result is not None and report.result.ref:
             blob = names.blob_name(report.job_id, report.result.ref)
             entry.blobs = (*entry.blobs, blob)
@@ -319,19 +358,19 @@ class Ledger:
             job.retries += 1
             self._move(entry, TaskState.RETRYING, now, f"{reason} [{cls}] (retry in {wait:.1f}s)")
             if wait <= 0:
-                out += self._dispatch(entry, now)
+                out += self._enqueue(entry, now)
             else:
                 self._arm(entry, now + wait)
         elif verdict.action == "requeue":
             job.requeues += 1
             self._move(entry, TaskState.QUEUED, now, f"{reason} [{cls}]: {verdict.reason}")
-            out += self._dispatch(entry, now)
+            out += self._enqueue(entry, now)
         else:
             dst = TaskState.DEAD if verdict.action == "dead" else TaskState.FAILED
             self._move(entry, dst, now, f"{reason} [{cls}]: {verdict.reason}")
             if dst == TaskState.DEAD:
                 out.append(self._letter(entry, f"{reason}: {verdict.reason}", now))
-        if old_seq is not None and (entry.pending or cls == FailureClass.LOST):
+        if old_seq is not None and (entry.state == TaskState.QUEUED or cls == FailureClass.LOST):
             out.append(DeleteDispatch(old_seq))  # the old delivery ends here (a zombie's ack hits nothing)
         return out
 
@@ -419,7 +458,7 @@ class Ledger:
             ):
                 continue
             entry.not_before = None
-            out += self._dispatch(entry, now)
+            out += self._enqueue(entry, now)
         return out
 
     def archive_due(self, now: float, retention_s: float, settle_s: float = 300.0) -> list[Effect]:
@@ -457,7 +496,7 @@ class Ledger:
         out: list[TaskRecord] = []
         for key in list(self._dirty_tasks):
             entry = self._dirty_tasks[key]
-            if entry.state == TaskState.QUEUED and entry.pending:
+            if entry.state == TaskState.DISPATCHED and entry.pending:
                 continue  # the dispatch is written first (effects phase 1)
             del self._dirty_tasks[key]
             out.append(entry.record(now))
@@ -515,23 +554,34 @@ class Ledger:
         job.pruned = keep_pruned and job.pruned
 
     def after_restore(self, now: float) -> list[Effect]:
-        """Finish recovery: index holders, re-arm timers, dispatch what was never dispatched, and
-        re-check every job's completion (a crash after a job's last task must not leave it open)."""
-        out: list[Effect] = []
+        """Finish recovery: count what each tenant holds, index holders, re-arm timers, put
+        waiting tasks back in the room, and re-check every job's completion (a crash after a
+        job's last task must not leave it open)."""
         for job in self.jobs.values():
             for entry in job.tasks.values():
+                if entry.state is not None:
+                    self._account(entry, None, entry.state, job, now)
                 if entry.state == TaskState.RUNNING and entry.worker:
                     self._by_worker.setdefault(entry.worker, set()).add(entry.key)
                 elif entry.state in (TaskState.RETRYING, TaskState.QUEUED) and entry.not_before is not None:
                     self._arm(entry, entry.not_before)
-                elif entry.state == TaskState.QUEUED and entry.seq is None:
-                    entry.dispatch = max(entry.dispatch - 1, 0)  # re-issue the same dispatch id
-                    out += self._dispatch(entry, now)
+                elif entry.state == TaskState.QUEUED:
+                    self._enqueue(entry, now)
             if job.check_finished(now):
                 self._dirty_jobs.add(job.job_id)
             if job.finished_at is not None:
                 job.tasks, job.pruned = {}, True
-        return out
+        return []
+
+    def _take_all_new(self, job: JobStats, now: float) -> None:
+        """A cancelled job's new tasks leave the room as entries of their own (to be cancelled)."""
+        new, entries = self.room.drop_job(job.job_id, now)
+        for entry in entries:
+            entry.waiting = False
+        for task_id, seq in new:
+            job.tasks[task_id] = TaskEntry(
+                job_id=job.job_id, task_id=task_id, state=TaskState.QUEUED, queue=job.queue, intake_seq=seq
+            )
 
     def holders(self) -> list[str]:
         return sorted(w for w, keys in self._by_worker.items() if keys)

@@ -341,6 +341,9 @@ class TaskRecord(Record):
     retry: RetryPolicy | None = None
     """The task's retry budgets when they differ from the defaults."""
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
+    resources: Resources | None = None
+    """The task's resource request when it differs from the defaults."""
+    limits: dict[str, float] = {}
 
 
 class JobRecord(Record):
@@ -428,6 +431,28 @@ class HeartbeatReply(Record):
     (``ctx.confirm()``): exactly one delivery of a task is ever confirmed at a time."""
     known: bool = True
     """False when the scheduler had declared this worker lost (its tasks went to others)."""
+
+
+class TokenRequest(Record):
+    """A worker asks for a lease of rate-limit tokens (``ctx.rate_limit``), on
+    ``fleet.ctl.tokens.<limiter>``; ``throttled`` reports that the upstream said 429."""
+
+    limiter: Token
+    want: float = Field(gt=0, le=1e6)
+    worker_id: Token
+    throttled: bool = False
+    retry_after_s: Delay | None = None
+
+
+class TokenGrant(Record):
+    """The scheduler's answer: ``granted`` tokens, usable for ``lease_s`` seconds (unused ones
+    lapse); with none granted, ``retry_in_s`` says when to ask again."""
+
+    limiter: Token
+    granted: float = Field(ge=0)
+    lease_s: float = Field(ge=0)
+    retry_in_s: float = Field(default=0.0, ge=0)
+    reason: str | None = None
 
 
 class DeadLetter(Record):

@@ -5,18 +5,45 @@ from __future__ import annotations
 import dataclasses
 
 from fleet.core.failures import Counters, FailureClass
-from fleet.core.records import RetryPolicy, TaskRecord
+from fleet.core.records import DEFAULT_PRIORITY, Resources, RetryPolicy, TaskEnvelope, TaskRecord
 from fleet.core.states import TaskState
 
 DEFAULT_RETRY = RetryPolicy()
-_POLICIES: dict[RetryPolicy, RetryPolicy] = {DEFAULT_RETRY: DEFAULT_RETRY}
+DEFAULT_RESOURCES = Resources()
 
 
-def intern_policy(policy: RetryPolicy | None) -> RetryPolicy:
-    """One shared object per distinct policy (a million tasks of a sweep share one)."""
-    if policy is None:
-        return DEFAULT_RETRY
-    return _POLICIES.setdefault(policy, policy)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shape:
+    """What the scheduler needs to know of a task besides its identity: its retry budgets, the
+    resources it asks for and the rate-limit tokens it takes. Interned: a million tasks of a sweep
+    share one."""
+
+    retry: RetryPolicy = DEFAULT_RETRY
+    resources: Resources = DEFAULT_RESOURCES
+    limits: tuple[tuple[str, float], ...] = ()
+
+    def billing(self, gpu_weight: float) -> float:
+        """Cores this task counts for in fair share (a GPU counts ``gpu_weight`` cores)."""
+        return self.resources.cpus + gpu_weight * self.resources.gpus
+
+
+DEFAULT_SHAPE = Shape()
+_SHAPES: dict[Shape, Shape] = {DEFAULT_SHAPE: DEFAULT_SHAPE}
+
+
+def intern_shape(
+    retry: RetryPolicy | None = None,
+    resources: Resources | None = None,
+    limits: dict[str, float] | None = None,
+) -> Shape:
+    shape = Shape(
+        retry or DEFAULT_RETRY, resources or DEFAULT_RESOURCES, tuple(sorted((limits or {}).items()))
+    )
+    return _SHAPES.setdefault(shape, shape)
+
+
+def shape_of(env: TaskEnvelope) -> Shape:
+    return intern_shape(env.retry, env.resources, env.limits)
 
 
 @dataclasses.dataclass(slots=True)
@@ -25,7 +52,8 @@ class TaskEntry:
     task_id: str
     state: TaskState | None = None
     queue: str = "default"
-    retry: RetryPolicy = DEFAULT_RETRY
+    shape: Shape = DEFAULT_SHAPE
+    priority: int = DEFAULT_PRIORITY
     counters: Counters = dataclasses.field(default_factory=Counters)
     dispatch: int = 0
     pending: bool = False
@@ -39,6 +67,8 @@ class TaskEntry:
     intake_seq: int | None = None
     blobs: tuple[str, ...] = ()
     rev: int = 0
+    waiting: bool = False
+    """In the waiting room (``fleet.policy.room``) as itself."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -47,6 +77,10 @@ class TaskEntry:
     @property
     def attempt(self) -> int:
         return self.counters.attempt
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self.shape.retry
 
     def record(self, now: float) -> TaskRecord:
         """The next revision of this task's state of record."""
@@ -73,7 +107,10 @@ class TaskEntry:
             not_before=self.not_before,
             intake_seq=self.intake_seq,
             blobs=list(self.blobs),
-            retry=None if self.retry == DEFAULT_RETRY else self.retry,
+            retry=None if self.shape.retry == DEFAULT_RETRY else self.shape.retry,
+            resources=None if self.shape.resources == DEFAULT_RESOURCES else self.shape.resources,
+            limits=dict(self.shape.limits),
+            priority=self.priority,
         )
 
     @classmethod
@@ -83,7 +120,8 @@ class TaskEntry:
             task_id=r.task_id,
             state=r.state,
             queue=r.queue,
-            retry=intern_policy(r.retry),
+            shape=intern_shape(r.retry, r.resources, r.limits),
+            priority=r.priority,
             counters=Counters(attempt=r.attempt, lost=r.lost, infra=r.infra, preempted=r.preempted),
             dispatch=r.dispatch,
             seq=r.seq,

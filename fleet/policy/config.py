@@ -132,6 +132,9 @@ class RunwayPolicy(_Model):
     headroom: float = Field(default=0.1, ge=0, le=10)
     """Tasks dispatched ahead of free slots, as a fraction of the queue's slots."""
     min_headroom: int = Field(default=2, ge=0, le=100_000)
+    ahead_s: float = Field(default=0.3, ge=0, le=3600)
+    """For short tasks: also keep this many seconds of the queue's finish rate dispatched ahead,
+    so workers never wait for the scheduler's round trip (at most 10x the slots)."""
 
 
 class Policy(_Model):

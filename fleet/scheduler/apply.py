@@ -167,6 +167,8 @@ class Applier:
                     d.job_id, d.task_id, f"envelope missing from the task store: {exc}", self.clock()
                 )
                 return None
+        if env.payload.ref:
+            self.ledger.add_blob(d.job_id, d.task_id, names.blob_name(d.job_id, env.payload.ref))
         body = env.model_copy(update={"attempt": d.attempt, "not_before": None}).to_wire()
         headers = {names.HDR_ATTEMPT: str(d.attempt), names.HDR_DISPATCH: str(d.dispatch)}
         msg_id = names.msgid_dispatch(d.job_id, d.task_id, d.attempt, d.dispatch)

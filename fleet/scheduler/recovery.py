@@ -5,8 +5,10 @@
    consumer per job, no age limit, so a task that has run for ten days or waited past any history
    window is still there.
 3. Jobs with task records but no job record get their declaration back from the task store.
-4. ``Ledger.after_restore``: holders are indexed, timers re-armed, never-dispatched tasks
-   dispatched, and every job's completion re-checked.
+4. Tasks of unfinished jobs that never left the waiting room have no record: their envelopes are
+   read back from the task store (``fleet.intake.task.<job>.*``) and admitted again.
+5. ``Ledger.after_restore``: what each tenant holds is counted, holders indexed, timers re-armed,
+   waiting tasks put back in the waiting room, and every job's completion re-checked.
 
 Workers that held tasks are then *seeded* into the liveness table by the caller: if they do not
 heartbeat within the usual deadline, their tasks are requeued (a worker that died while the
@@ -24,7 +26,7 @@ from nats.js.errors import NotFoundError
 from broker import names, reader
 from fleet.core.effects import Effect
 from fleet.core.ledger import Ledger
-from fleet.core.records import JobRecord, JobSpec, TaskRecord
+from fleet.core.records import JobRecord, JobSpec, TaskEnvelope, TaskRecord
 
 log = logging.getLogger("fleet.scheduler")
 
@@ -54,10 +56,37 @@ async def recover(js: JetStreamContext, ledger: Ledger, now: float) -> list[Effe
                 job.apply_spec(JobSpec.from_wire(raw.data or b""))
             except (NotFoundError, ValueError):
                 pass  # tasks submitted without a declaration: the total stays unknown
+    waiting = 0
+    for job in list(ledger.jobs.values()):
+        if job.finished_at is None:
+            waiting += await _readmit(js, ledger, job.job_id, now)
     effects = ledger.after_restore(now)
     if jobs or tasks:
-        log.info("recovered %d jobs and %d task records in %.2fs", jobs, tasks, time.monotonic() - started)
+        log.info(
+            "recovered %d jobs, %d task records and %d waiting tasks in %.2fs",
+            jobs,
+            tasks,
+            waiting,
+            time.monotonic() - started,
+        )
     return effects
+
+
+async def _readmit(js: JetStreamContext, ledger: Ledger, job_id: str, now: float) -> int:
+    """Admit again the job's submissions that have no record (they were waiting, never dispatched)."""
+    job = ledger.jobs[job_id]
+    n = 0
+    async for msg in reader.replay(js, names.INTAKE_STREAM, names.job_intake_filters(job_id)[1]):
+        _, task_id = names.task_of(msg.subject)
+        if task_id is None or task_id in job.tasks:
+            continue
+        try:
+            env = TaskEnvelope.from_wire(msg.data)
+        except ValueError:
+            continue  # it was dead-lettered when it first came in
+        ledger.admit(env, now, intake_seq=msg.metadata.sequence.stream)
+        n += 1
+    return n
 
 
 async def reload_job(js: JetStreamContext, ledger: Ledger, job_id: str) -> None:

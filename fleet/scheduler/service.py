@@ -41,11 +41,15 @@ from fleet.core.records import (
     HeartbeatReply,
     InvalidRecord,
     JobSpec,
+    PrioritizeRequest,
     RetryRequest,
     StartReport,
     TaskEnvelope,
+    TokenGrant,
+    TokenRequest,
 )
-from fleet.scheduler import recovery
+from fleet.policy.config import Policy
+from fleet.scheduler import policy_store, recovery
 from fleet.scheduler.apply import Applier
 from fleet.scheduler.faults import Faults
 
@@ -70,6 +74,8 @@ class SchedulerSettings(BaseSettings):
     """Finished jobs are archived (records, inputs, results, events and blobs removed) after this."""
     history_s: float = 72 * 3600.0
     """Age limit of the event history (progress, logs, state history, job events)."""
+    token_lease_s: float = 2.0
+    """How long rate-limit tokens leased to a worker stay usable."""
     policy_file: str | None = None
     """A policy YAML file (``fleet.policy.config``) stored in KV at start; else the stored one."""
 
@@ -93,6 +99,9 @@ class Scheduler:
         self._reports_idle_at = time.monotonic()
         self._last_tick = time.monotonic()
         self._slow_at = 0.0
+        self._explain_at = 0.0
+        self._policy: Policy | None = None
+        """A new policy from KV, applied by the engine at its next round."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -103,6 +112,8 @@ class Scheduler:
         await ensure_bus(js, BusConfig(history_s=self.s.history_s), authoritative=True)
         self.pub = Publisher(nc)
         self.applier = Applier(nc, js, self.pub, self.ledger, self.clock, self.faults, self._keep_inputs)
+        policy = await policy_store.startup(js, self.s.policy_file)
+        self.ledger.configure(policy, self.clock())
         effects = await self.applier.durably(
             "recovery", lambda: recovery.recover(js, self.ledger, self.clock())
         )
@@ -119,11 +130,13 @@ class Scheduler:
             )
         ]
         hb_sub = await nc.subscribe(names.HEARTBEATS, cb=self._on_heartbeat)
+        token_sub = await nc.subscribe(names.TOKENS, cb=self._on_tokens)
         log.info("scheduler ready on %s", self.url)
         try:
             async with asyncio.TaskGroup() as tg:
                 loops = [tg.create_task(self._fetch(p, h)) for p, h in subs]
                 loops.append(tg.create_task(self._engine()))
+                loops.append(tg.create_task(policy_store.watch(js, self._new_policy)))
                 self.ready.set()
                 await self.stopping.wait()
                 for t in loops:
@@ -133,8 +146,20 @@ class Scheduler:
         finally:
             with contextlib.suppress(Exception):
                 await hb_sub.unsubscribe()
+                await token_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await shutdown(nc)
+
+    def _new_policy(self, policy: Policy) -> None:
+        self._policy = policy
+
+    def slots(self) -> dict[str, int]:
+        """Slots of the live workers of each queue (what the runway is sized to)."""
+        out: dict[str, int] = {}
+        for w in self.workers.alive():
+            if w.queue and not w.stopping:
+                out[w.queue] = out.get(w.queue, 0) + w.slots
+        return out
 
     async def _reconnected(self) -> None:
         self.workers.refresh(time.monotonic())  # nobody is blamed for our own outage
@@ -195,11 +220,19 @@ class Scheduler:
                 effects += self.ledger.dead_letter(
                     "scheduler", msg.subject, f"internal error: {exc}", msg.data, now
                 )
+        effects += self._release(now, self.slots())
         await self.applier.apply(effects)  # retries until stored
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
         self._current = []
+
+    def _release(self, now: float, slots: dict[str, int]) -> list[Effect]:
+        try:
+            return self.ledger.release(now, slots)
+        except Exception:  # a bug must not stop the service: what was picked is dispatched later
+            log.exception("releasing waiting tasks failed")
+            return []
 
     async def _keep_inputs(self) -> None:
         """While effects are being retried, keep the inputs that caused them from being redelivered."""
@@ -229,6 +262,17 @@ class Scheduler:
                 )
                 effects += self.ledger.worker_lost(lost.worker_id, now)
         effects += self.ledger.tick(now)
+        if self._policy is not None:
+            self.ledger.configure(self._policy, now)
+            self._policy = None
+        slots = self.slots()
+        effects += self._release(now, slots)
+        if mono >= self._explain_at:
+            self._explain_at = mono + 1.0
+            try:
+                self.ledger.explain(now, slots)
+            except Exception:
+                log.exception("explaining why tasks wait failed")
         if mono >= self._slow_at:
             self._slow_at = mono + 30.0
             effects += self.ledger.archive_due(now, self.s.archive_after_s)
@@ -256,6 +300,10 @@ class Scheduler:
             if req.task_id is not None and self.ledger.is_pruned(req.job_id):
                 await recovery.lookup_task(self.js, self.ledger, req.job_id, req.task_id)
             return self.ledger.cancel(req, now)
+        if kind == "prio":
+            prio = PrioritizeRequest.from_wire(msg.data)
+            _expect(msg.subject, names.intake_prioritize(prio.job_id, prio.request_id))
+            return self.ledger.prioritize(prio, now)
         if kind == "retry":
             retry = RetryRequest.from_wire(msg.data)
             _expect(msg.subject, names.intake_retry(retry.job_id, retry.request_id))
@@ -292,6 +340,34 @@ class Scheduler:
                 assert self.nc is not None
                 reply = HeartbeatReply(fence=fences, confirmed=self.ledger.confirmed(hb), known=known)
                 await self.nc.publish(msg.reply, reply.to_wire())
+
+    async def _on_tokens(self, msg: Msg) -> None:
+        """A worker's handlers want rate-limit tokens: a short lease out of the limiter's bucket."""
+        try:
+            req = TokenRequest.from_wire(msg.data)
+            _expect(msg.subject, names.tokens_subject(req.limiter))
+        except ValueError as exc:
+            log.warning("ignoring malformed token request on %s: %s", msg.subject, exc)
+            return
+        now = self.clock()
+        if req.throttled:
+            self.ledger.gate.throttled(req.limiter, now, req.retry_after_s)
+            granted, retry_in, reason = 0.0, 0.0, None
+        else:
+            granted, retry_in, reason = self.ledger.gate.lease(
+                req.limiter, req.worker_id, req.want, now, self.s.token_lease_s
+            )
+        if msg.reply:
+            grant = TokenGrant(
+                limiter=req.limiter,
+                granted=granted,
+                lease_s=self.s.token_lease_s,
+                retry_in_s=retry_in,
+                reason=reason,
+            )
+            with contextlib.suppress(Exception):
+                assert self.nc is not None
+                await self.nc.publish(msg.reply, grant.to_wire())
 
 
 def _still_cancelled() -> None:

@@ -21,11 +21,15 @@ so a handler that sees it should stop at once. ``ctx.cancelled`` is True then to
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fleet.worker.tokens import TokenPools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +65,11 @@ class TaskContext:
         on_progress: Callable[[float, str | None], None],
         on_log: Callable[[str, str], None],
         confirm: Callable[[int, float], bool | None] | None = None,
+        tokens: TokenPools | None = None,
     ) -> None:
         self.info = info
         self._confirm = confirm
+        self._tokens = tokens
         self._on_progress = on_progress
         self._cancelled = threading.Event()
         self._fenced = threading.Event()
@@ -117,6 +123,34 @@ class TaskContext:
                 return answer and not self.fenced
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return False
+
+    def rate_limit(self, limiter: str, n: float = 1.0, timeout: float | None = None) -> Any:
+        """Wait for ``n`` tokens of the fleet-wide rate limiter ``limiter`` (``fleet limit``).
+
+        In a plain function it blocks and returns None; in an ``async def`` handler it returns an
+        awaitable: ``await ctx.rate_limit("api-x")``. Tokens come in short leases from the
+        scheduler, so all workers together stay within the limiter's rate. ``timeout`` (seconds)
+        raises :class:`fleet.worker.tokens.RateLimitError` instead of waiting longer."""
+        return self._maybe_async(self._pools().take, limiter, n, timeout)
+
+    def throttled(self, limiter: str, retry_after: float | None = None) -> Any:
+        """Tell the scheduler the upstream behind ``limiter`` refused a call (HTTP 429): it slows the
+        limiter down for every worker (and pauses it for ``retry_after`` seconds if given)."""
+        return self._maybe_async(self._pools().throttled, limiter, retry_after)
+
+    def _pools(self) -> TokenPools:
+        if self._tokens is None:
+            raise RuntimeError("rate limits need a fleet worker (not available in this executor)")
+        return self._tokens
+
+    @staticmethod
+    def _maybe_async(fn: Callable[..., None], *args: Any) -> Awaitable[None] | None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            fn(*args)
+            return None
+        return asyncio.to_thread(fn, *args)
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far along the task is (0.0-1.0) with an optional message."""

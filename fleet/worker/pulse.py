@@ -122,6 +122,18 @@ class Pulse:
             return False  # fenced: a definite no
         return True if token in reply.confirmed else None  # not yet seen as started: ask again
 
+    def request(self, subject: str, data: bytes, timeout: float) -> bytes | None:
+        """A request/reply on the pulse's connection from any other thread; None on no answer."""
+        loop, nc = self._loop, self._nc
+        if loop is None or nc is None or threading.current_thread() is self._thread:
+            return None
+        fut = asyncio.run_coroutine_threadsafe(nc.request(subject, data, timeout=timeout), loop)
+        try:
+            return fut.result(timeout + 1.0).data
+        except Exception:
+            fut.cancel()
+            return None
+
     async def stop(self, timeout: float = 3.0) -> None:
         """Send a last heartbeat (``stopping``), close the connection, end the thread."""
         self._stop.set()

@@ -50,6 +50,7 @@ from fleet.worker.registry import FENCE_AFTER, Held, PublishWatch, Registry
 from fleet.worker.runner import Runner
 from fleet.worker.settings import WorkerSettings, default_worker_id
 from fleet.worker.slots import Slot, Slots
+from fleet.worker.tokens import TokenPools
 
 RECENT_TOKENS = 10_000
 """How many recently run tokens a worker remembers (to never run a repeated delivery twice)."""
@@ -129,6 +130,7 @@ class Worker:
                 interval_s=self.heartbeat_s,
                 lease_s=self.lease_s,
             )
+            self.tokens = TokenPools(self.worker_id, self.pulse.request)
             self._pulse_failed = loop.create_future()
             await self.pulse.start()
             try:
@@ -289,7 +291,9 @@ class Worker:
                 env.task_id, env.job_id, env.attempt, delivery, self.worker_id, self.s.queue, token=token
             )
             src = Source(env.job_id, env.task_id, env.attempt, token)
-            ctx = TaskContext(info, self.events.progress_cb(src), self.events.log_cb(src), self.pulse.confirm)
+            ctx = TaskContext(
+                info, self.events.progress_cb(src), self.events.log_cb(src), self.pulse.confirm, self.tokens
+            )
             r = Running(held, m, env, delivery, ctx, started_at=time.time())
             self.running[token] = r
             batch.append((r, self.slots.take()))

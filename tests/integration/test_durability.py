@@ -59,12 +59,18 @@ async def test_task_queued_past_72_hours_survives_a_restart(stack: Stack) -> Non
     sched, task = await _scheduler(stack)
     fleet = await stack.connect()
     job = await fleet.submit_job("handlers:square", items=range(6), bundle=2)
-    await wait_for(lambda: _all_in(fleet, job, TaskState.QUEUED, 3), timeout=10, what="3 queued tasks")
+
+    async def queued() -> bool:  # no worker: they wait in the room (no task records yet)
+        record = await fleet.job(job)
+        return record is not None and record.counts == {"queued": 3} and record.waiting is not None
+
+    await wait_for(queued, timeout=10, what="3 queued tasks")
+    assert (await fleet.job(job)).waiting == "no workers for queue default"  # type: ignore[union-attr]
     await _stop(sched, task)
 
     sched, task = await _scheduler(stack, offset=73 * 3600.0)  # three days and an hour later
     try:
-        assert sched.ledger.jobs[job].counts == {TaskState.QUEUED: 3}
+        assert sched.ledger.jobs[job].counts == {TaskState.QUEUED: 3}  # read back from the task store
         await stack.start_worker()
         record = await fleet.wait_job(job, timeout=15)
         assert record.counts == {"succeeded": 3}

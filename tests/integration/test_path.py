@@ -217,7 +217,7 @@ async def test_progress_and_log_events_reach_the_client(stack: Stack) -> None:
         e.progress == 1.0 for e in progress
     )
     states = [str(e.state) for e in seen if isinstance(e, TaskRecord)]
-    assert states.count("queued") == 2 and states.count("running") == 2 and states.count("succeeded") == 2
+    assert states.count("dispatched") == 2 and states.count("running") == 2 and states.count("succeeded") == 2
 
 
 async def test_large_input_is_offloaded_and_round_trips(stack: Stack) -> None:

@@ -38,6 +38,7 @@ from fleet.core.tasks import TaskEntry
 T0 = 1_000_000.0
 J = "j1"
 Q, R, S = TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING
+D = TaskState.DISPATCHED
 OK, FAIL, DEAD, CXL = TaskState.SUCCEEDED, TaskState.FAILED, TaskState.DEAD, TaskState.CANCELLED
 E = TypeVar("E")
 
@@ -172,9 +173,13 @@ class Shell:
         self.deleted: list[int] = []
         self.dispatches: list[tuple[Dispatch, int]] = []
         self.intake = 0
+        self.envs: list[tuple[TaskEnvelope, int]] = []
+        self.slots: dict[str, int] = {"default": 1000}
+        """Free worker slots per queue the waiting room releases into after every input."""
 
     def apply(self, effects: list[Effect], now: float | None = None) -> list[Effect]:
         now = self.now if now is None else now
+        effects = effects + self.ledger.release(now, self.slots)
         for eff in effects:
             if isinstance(eff, Dispatch):
                 self.seq += 1
@@ -196,6 +201,7 @@ class Shell:
         for t in tasks:
             e = env(t, job) if isinstance(t, str) else t
             self.intake += 1
+            self.envs.append((e, self.intake))
             out += self.apply(self.ledger.admit(e, self.now, intake_seq=self.intake))
         return out
 
@@ -271,5 +277,9 @@ class Shell:
             fresh.restore_job(jr)
         for tr in last_tasks.values():
             fresh.restore_task(tr)
+        for e, seq in self.envs:  # tasks that never left the waiting room: from the task store
+            job = fresh.jobs.get(e.job_id)
+            if job is None or job.finished_at is None:
+                fresh.admit(e, self.now, intake_seq=seq)
         self.ledger = fresh
         return self.apply(fresh.after_restore(self.now))

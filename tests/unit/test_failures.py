@@ -29,7 +29,16 @@ counters = st.builds(
 
 
 def test_classes() -> None:
-    assert {c.value for c in C} == {"error", "timeout", "killed", "lost", "preempted", "infra", "invalid"}
+    assert {c.value for c in C} == {
+        "error",
+        "timeout",
+        "killed",
+        "lost",
+        "preempted",
+        "infra",
+        "invalid",
+        "rejected",
+    }
     assert frozenset({C.ERROR, C.TIMEOUT, C.KILLED}) == ATTEMPT_CLASSES
     assert C("lost") is C.LOST
 

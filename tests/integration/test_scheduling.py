@@ -1,0 +1,102 @@
+"""The scheduler schedules: quotas, priorities across a backlog, and a policy changed while it runs.
+
+Real nats-server, the scheduler in-process (so a test can sample what it holds), and workers as
+subprocesses or in-process tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Stack, WorkerProcs, wait_for
+
+from broker import names
+
+
+async def _max_overlap(fleet: Any, job: str) -> tuple[int, int]:
+    """(results, most handlers running at once) from the outcomes' start and finish times."""
+    edges: list[tuple[float, int]] = []
+    n = 0
+    async for report, _ in fleet.results(job):
+        n += 1
+        edges += [(report.started_at, 1), (report.finished_at, -1)]
+    running = peak = 0
+    for _, d in sorted(edges, key=lambda e: (e[0], e[1])):
+        running += d
+        peak = max(peak, running)
+    return n, peak
+
+
+async def test_quota_50_of_100_run_and_the_rest_wait_then_start(
+    stack: Stack, tmp_path: Path, spawn_worker: WorkerProcs
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tenants:\n  lab-a: {max_running: 50}\n")
+    sched = await stack.start_scheduler(policy_file=str(policy))
+    for _ in range(2):
+        spawn_worker(stack.url, concurrency=40)  # 80 slots: the quota, not the fleet, is the limit
+    await wait_for(lambda: sched.slots().get("default", 0) == 80, timeout=30, what="80 slots")
+    fleet = await stack.connect()
+    job = await fleet.submit_job("handlers:slow", items=[1.0] * 100, tenant="lab-a")
+
+    held = 0
+
+    async def quota_shown() -> bool:
+        nonlocal held
+        held = max(held, sched.ledger.gate.load("lab-a").active)
+        record = await fleet.job(job)
+        return record is not None and record.waiting == "quota lab-a 50/50"
+
+    await wait_for(quota_shown, timeout=20, what="the job record saying why it waits")
+    record = await fleet.wait_job(job, timeout=60)
+    assert record.counts == {"succeeded": 100}
+    n, peak = await _max_overlap(fleet, job)
+    assert n == 100 and peak == 50, (n, peak)
+    assert held == 50
+
+
+async def test_urgent_tasks_start_within_one_runway_drain_after_a_backlog(stack: Stack) -> None:
+    sched = await stack.start_scheduler()
+    fleet = await stack.connect()
+    backlog = 100_000
+    a = await fleet.submit_job("handlers:slow", items=[0.2] * backlog, tenant="tenant-a", qos="backfill")
+    await wait_for(
+        lambda: sched.ledger.jobs.get(a) is not None and sched.ledger.jobs[a].submitted == backlog,
+        timeout=120,
+        what="A's backlog indexed",
+    )
+    for _ in range(2):
+        await stack.start_worker(concurrency=4)
+    await wait_for(lambda: sched.ledger.active_by_queue.get("default", 0) >= 8, timeout=10, what="A running")
+    sent = time.time()
+    b = await fleet.submit_job("handlers:slow", items=[0.2] * 10, tenant="tenant-b", qos="urgent")
+    record = await fleet.wait_job(b, timeout=20)
+    assert record.counts == {"succeeded": 10}
+    starts = sorted([r.started_at async for r, _ in fleet.results(b)])
+    # the runway ahead of B: 8 slots + 2 headroom of 0.2 s tasks drain in well under a second;
+    # B's 10 tasks then take two rounds of 8 slots
+    assert starts[0] - sent < 2.0, starts[0] - sent
+    assert sched.ledger.jobs[a].counts.get("queued", 0) > backlog - 2000  # type: ignore[call-overload]
+
+
+async def test_policy_change_while_running(stack: Stack, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tenants:\n  t: {max_running: 2}\n")
+    sched = await stack.start_scheduler(policy_file=str(policy))
+    await stack.start_worker(concurrency=8)
+    fleet = await stack.connect()
+    job = await fleet.submit_job("handlers:slow", items=[0.5] * 40, tenant="t")
+    load = sched.ledger.gate.load
+    await wait_for(lambda: load("t").active == 2, timeout=10, what="2 running")
+    await asyncio.sleep(0.3)
+    assert load("t").active == 2
+    kv = await fleet.js.key_value(names.POLICY_BUCKET)
+    await kv.put(names.POLICY_KEY, b"tenants:\n  t: {max_running: 6}\n")
+    await wait_for(lambda: load("t").active == 6, timeout=10, what="6 running after the change")
+    await kv.put(names.POLICY_KEY, b"tenants: {t: {max_running: -1}}\n")  # refused: kept as it was
+    record = await fleet.wait_job(job, timeout=30)
+    assert record.counts == {"succeeded": 40}
+    assert sched.ledger.policy.tenant("t").max_running == 6
