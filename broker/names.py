@@ -151,6 +151,14 @@ def task_subject(queue: str, job: str, task: str) -> str:
     return f"{PREFIX}.task.{queue}.{job}.{task}"
 
 
+PLACED_PREFIX = "_w-"
+
+
+def placed_queue(worker: str) -> str:
+    """The pseudo-queue of one worker: tasks placed on it (they asked for resources) go only there."""
+    return f"{PLACED_PREFIX}{worker}"
+
+
 def queue_filter(queue: str) -> str:
     """The filter of the one work-queue consumer that serves ``queue``."""
     return f"{PREFIX}.task.{queue}.>"

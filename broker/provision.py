@@ -216,7 +216,12 @@ the lease is only the backstop for when the scheduler itself is down."""
 
 
 async def ensure_queue(
-    js: JetStreamContext, queue: str, *, lease_s: float = DEFAULT_LEASE_S, cfg: BusConfig = BusConfig()
+    js: JetStreamContext,
+    queue: str,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    cfg: BusConfig = BusConfig(),
+    inactive_s: float | None = None,
 ) -> api.ConsumerInfo:
     """The durable pull consumer workers of ``queue`` share. Its AckWait is the task lease."""
     names.check_token(queue, "queue")
@@ -228,5 +233,6 @@ async def ensure_queue(
         max_ack_pending=cfg.max_inflight,
         max_waiting=cfg.max_waiting,
         filter_subject=names.queue_filter(queue),
+        inactive_threshold=inactive_s,
     )
     return await ensure_consumer(js, names.TASKS_STREAM, want)

@@ -99,3 +99,20 @@ def retry_at_infinity(x: Any, ctx: Any) -> None:
     from fleet.worker.errors import Retry
 
     raise Retry("try again at the end of time", delay_s=float("inf"))
+
+
+def rate_calls(limiter: str, seconds: float, ctx: Any = None) -> list[float]:
+    """Call ``ctx.rate_limit(limiter)`` as fast as it lets us for ``seconds``; the call times."""
+    assert ctx is not None
+    calls: list[float] = []
+    end = time.time() + seconds
+    while time.time() < end:
+        ctx.rate_limit(limiter, timeout=max(0.1, end - time.time()) + 5)
+        calls.append(time.time())
+    return calls
+
+
+async def rate_calls_async(limiter: str, n: int, ctx: Any = None) -> int:
+    for _ in range(n):
+        await ctx.rate_limit(limiter)
+    return n

@@ -41,6 +41,7 @@ from fleet.core.records import (
     JobRecord,
     JobSpec,
     Payload,
+    PrioritizeRequest,
     Resources,
     RetryPolicy,
     RetryRequest,
@@ -120,9 +121,12 @@ class FleetClient:
         priority: int = 5,
         retry: RetryPolicy | None = None,
         timeout_s: float | None = None,
-        resources: Resources | None = None,
+        resources: Resources | Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         labels: Mapping[str, str] | None = None,
+        qos: str | None = None,
+        project: str | None = None,
+        limits: Mapping[str, float] | None = None,
     ) -> TaskEnvelope:
         """Validate and build one task envelope (large inputs are offloaded to the object store)."""
         inputs: dict[str, Any] = {"args": list(args), "kwargs": dict(kwargs or {})}
@@ -140,10 +144,13 @@ class FleetClient:
             priority=priority,
             retry=retry or RetryPolicy(),
             timeout_s=timeout_s,
-            resources=resources or Resources(),
+            resources=Resources.model_validate(resources or {}),
             idempotency_key=idempotency_key,
             created_at=time.time(),
             labels=dict(labels or {}),
+            qos=qos,
+            project=project,
+            limits=dict(limits or {}),
         )
 
     # -- submitting --------------------------------------------------------------------------------
@@ -155,9 +162,18 @@ class FleetClient:
         total: int | None,
         tenant: str = "default",
         queue: str = "default",
+        qos: str | None = None,
+        project: str | None = None,
     ) -> None:
         spec = JobSpec(
-            job_id=job_id, name=name, total=total, tenant=tenant, queue=queue, created_at=time.time()
+            job_id=job_id,
+            name=name,
+            total=total,
+            tenant=tenant,
+            queue=queue,
+            qos=qos,
+            project=project,
+            created_at=time.time(),
         )
         await self.pub.publish(names.intake_job(job_id), spec.to_wire(), msg_id=names.msgid_job(job_id))
 
@@ -241,7 +257,13 @@ class FleetClient:
 
         first = [await build(j, c) for j, c in enumerate(chunks[:SUBMIT_WINDOW])]  # validates every option
         await self.declare_job(
-            job_id, name=name or handler or "", total=len(chunks), tenant=tenant, queue=queue
+            job_id,
+            name=name or handler or "",
+            total=len(chunks),
+            tenant=tenant,
+            queue=queue,
+            qos=options.get("qos"),
+            project=options.get("project"),
         )
         await self.submit_many(first)
         for start in range(SUBMIT_WINDOW, len(chunks), SUBMIT_WINDOW):
@@ -278,6 +300,32 @@ class FleetClient:
             at=time.time(),
         )
         await self.pub.publish(names.intake_retry(job_id, request_id), req.to_wire())
+        return request_id
+
+    async def prioritize(
+        self,
+        job_id: str,
+        priority: int | None = None,
+        *,
+        qos: str | None = None,
+        task_ids: Sequence[str] | None = None,
+    ) -> str:
+        """Change the priority (0-9, 9 first) or QoS class of a job's waiting tasks (all of them, and
+        its later ones, unless ``task_ids`` names some); returns the request id."""
+        request_id = "p-" + uuid.uuid4().hex[:12]
+        req = PrioritizeRequest(
+            job_id=job_id,
+            request_id=request_id,
+            priority=priority,
+            qos=qos,
+            task_ids=list(task_ids) if task_ids else None,
+            at=time.time(),
+        )
+        await self.pub.publish(
+            names.intake_prioritize(job_id, request_id),
+            req.to_wire(),
+            names.msgid_prioritize(job_id, request_id),
+        )
         return request_id
 
     # -- following ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from fleet.core.states import ACTIVE, TERMINAL, WAITING, TaskState
 from fleet.core.tasks import Shape, TaskEntry
 from fleet.policy.config import Policy
 from fleet.policy.gate import DEFAULT_PROJECT, Gate
+from fleet.policy.resources import needs_placement
 from fleet.policy.room import BANDS, Place, Room
 
 
@@ -99,6 +100,11 @@ class Dispatching:
                 self._finished(entry.queue, now)
             self.gate.active(job.tenant, job.project or DEFAULT_PROJECT, entry.shape, delta)
             self.active_by_queue[entry.queue] = self.active_by_queue.get(entry.queue, 0) + delta
+            if delta < 0 and entry.placed is not None:
+                self.gate.placement.hold(entry.placed, entry.shape.resources, -1)
+                entry.placed = None
+            elif delta > 0 and entry.placed is not None and src is None:  # restored from a record
+                self.gate.placement.hold(entry.placed, entry.shape.resources, +1)
         if (src in WAITING) != (dst in WAITING):
             self.gate.pending(job.tenant, 1 if dst in WAITING else -1)
         if dst in TERMINAL and entry.intake_seq is not None:
@@ -170,6 +176,7 @@ class Dispatching:
                 if got is None:
                     break
                 self.gate.take(got.shape, now)
+                placed = self._place(queue, got.shape)
                 entry = got.entry
                 if entry is None:
                     job = self.job(got.job_id, now)
@@ -186,6 +193,7 @@ class Dispatching:
                     if env is not None and env.payload.ref:
                         entry.blobs = (names.blob_name(got.job_id, env.payload.ref),)
                 entry.waiting = False
+                entry.placed = placed
                 out += self._send(entry, now)
                 want -= 1
         return out
@@ -197,11 +205,19 @@ class Dispatching:
         entry.dispatch += 1
         entry.pending, entry.token = True, None
         env = self._fresh.pop(entry.intake_seq, None) if entry.intake_seq is not None else None
+        queue = names.placed_queue(entry.placed) if entry.placed else entry.queue
         return [
-            Dispatch(
-                entry.job_id, entry.task_id, entry.queue, entry.attempt, entry.dispatch, entry.intake_seq, env
-            )
+            Dispatch(entry.job_id, entry.task_id, queue, entry.attempt, entry.dispatch, entry.intake_seq, env)
         ]
+
+    def _place(self, queue: str, shape: Shape) -> str | None:
+        """The worker a task asking for resources goes to (they are held until it ends)."""
+        if not needs_placement(shape.resources):
+            return None
+        worker = self.gate.placement.choose(queue, shape.resources)
+        if worker is not None:
+            self.gate.placement.hold(worker, shape.resources, +1)
+        return worker
 
     # -- changing the order ----------------------------------------------------------------------------
     def prioritize(self, req: PrioritizeRequest, now: float) -> list[Effect]:
@@ -294,7 +310,7 @@ class Dispatching:
         blocked = self.gate.tenant_block(place.tenant, now)
         if blocked is not None:
             return blocked
-        if shape is not None and (why := self.gate.shape_block(shape, now)) is not None:
+        if shape is not None and (why := self.gate.shape_block(shape, place.queue, now)) is not None:
             return why
         return "priority" if self._behind(place) else "waiting for a free slot"
 

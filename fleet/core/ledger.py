@@ -201,7 +201,10 @@ class Ledger(Dispatching):
         if env.tenant != job.tenant:
             return FailureClass.INVALID, f"task tenant {env.tenant!r} differs from its job's {job.tenant!r}"
         blocked = self.gate.admit_block(job.tenant)
-        return (FailureClass.REJECTED, blocked) if blocked is not None else None
+        if blocked is not None:
+            return FailureClass.REJECTED, blocked
+        never = self.gate.placement.never_fits(env.queue, env.resources)
+        return (FailureClass.INVALID, never) if never is not None else None
 
     def reject(self, job_id: str, task_id: str, reason: str, now: float) -> list[Effect]:
         """Input that can never run: the task ends DEAD with the reason."""
@@ -413,11 +416,23 @@ class Ledger(Dispatching):
         )
 
     def worker_lost(self, worker_id: str, now: float, why: str = "missed heartbeats") -> list[Effect]:
-        out: list[Effect] = []
+        out: list[Effect] = self._unplace(worker_id, now)
         for key in sorted(self._by_worker.pop(worker_id, set())):
             entry = self.task(*key)
             if entry is not None and entry.state == TaskState.RUNNING and entry.worker == worker_id:
                 out += self._lost(entry, now, f"lease lost: worker {worker_id} {why}")
+        return out
+
+    def _unplace(self, worker_id: str, now: float) -> list[Effect]:
+        """Tasks placed on a lost worker that it never started wait again (their message goes)."""
+        out: list[Effect] = []
+        for job in self.jobs.values():
+            for entry in job.tasks.values():
+                if entry.state == TaskState.DISPATCHED and entry.placed == worker_id:
+                    seq = None if entry.pending else entry.seq
+                    self._enqueue(entry, now, f"its worker {worker_id} was lost before it started")
+                    if seq is not None:
+                        out.append(DeleteDispatch(seq))
         return out
 
     def heartbeat_fences(self, hb: Heartbeat) -> list[Fence]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fleet.core.records import Heartbeat
+from fleet.core.records import Heartbeat, Resources
 
 
 @dataclasses.dataclass
@@ -25,6 +25,7 @@ class WorkerView:
     last_seen: float = 0.0
     interval_s: float = 1.0
     stopping: bool = False
+    resources: Resources | None = None
 
 
 class WorkerTable:
@@ -46,6 +47,7 @@ class WorkerTable:
             last_seen=now,
             interval_s=hb.interval_s,
             stopping=hb.stopping,
+            resources=hb.resources,
         )
         return known
 

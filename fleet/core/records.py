@@ -120,10 +120,17 @@ class Payload(BaseModel):
 
 
 class Resources(BaseModel):
+    """What a task asks for, or what a worker has (``fleet.policy.resources``)."""
+
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
-    cpus: float = Field(default=1.0, ge=0)
-    gpus: int = Field(default=0, ge=0)
+    cpus: float = Field(default=1.0, ge=0, le=1e5)
+    gpus: int = Field(default=0, ge=0, le=1024)
     memory_mb: int = Field(default=0, ge=0)
+    labels: dict[str, str] = {}
+    """A task: labels its worker must have (``{"gpu": "a100"}``); a worker: the labels it has."""
+
+    def __hash__(self) -> int:
+        return hash((self.cpus, self.gpus, self.memory_mb, tuple(sorted(self.labels.items()))))
 
 
 class RetryPolicy(BaseModel):
@@ -344,6 +351,8 @@ class TaskRecord(Record):
     resources: Resources | None = None
     """The task's resource request when it differs from the defaults."""
     limits: dict[str, float] = {}
+    placed: str | None = None
+    """While dispatched or running: the worker it was placed on (it asked for resources)."""
 
 
 class JobRecord(Record):
@@ -408,6 +417,8 @@ class Heartbeat(Record):
     at: Time
     interval_s: float = Field(gt=0, le=3600)
     stopping: bool = False
+    resources: Resources | None = None
+    """What the worker has (cpus, gpus, memory, labels); tasks asking for resources are placed by it."""
 
 
 class Fence(BaseModel):

@@ -69,6 +69,8 @@ class TaskEntry:
     rev: int = 0
     waiting: bool = False
     """In the waiting room (``fleet.policy.room``) as itself."""
+    placed: str | None = None
+    """The worker this dispatch was placed on (a task asking for resources), holding them."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -111,6 +113,7 @@ class TaskEntry:
             resources=None if self.shape.resources == DEFAULT_RESOURCES else self.shape.resources,
             limits=dict(self.shape.limits),
             priority=self.priority,
+            placed=self.placed,
         )
 
     @classmethod
@@ -122,6 +125,7 @@ class TaskEntry:
             queue=r.queue,
             shape=intern_shape(r.retry, r.resources, r.limits),
             priority=r.priority,
+            placed=r.placed,
             counters=Counters(attempt=r.attempt, lost=r.lost, infra=r.infra, preempted=r.preempted),
             dispatch=r.dispatch,
             seq=r.seq,

@@ -11,6 +11,7 @@ from fleet.core.tasks import Shape
 from fleet.policy import quota
 from fleet.policy.config import Policy
 from fleet.policy.fairshare import FairShare
+from fleet.policy.resources import Placement, describe, needs_placement
 from fleet.policy.token_bucket import Limiters
 
 DEFAULT_PROJECT = "default"
@@ -23,6 +24,7 @@ class Gate:
         self.project_cores: dict[tuple[str, str], float] = {}
         self.share = FairShare(self.policy.fairshare.half_life)
         self.limiters = Limiters()
+        self.placement = Placement()
         self.holders: dict[str, dict[str, float]] = {}
         """Workers that asked each limiter for tokens lately (limiter -> worker -> when)."""
 
@@ -74,7 +76,10 @@ class Gate:
         cores = self.project_cores.get((tenant, project), 0.0)
         return self.share.key(f"{tenant}/{project}", cores, weight, now)
 
-    def shape_block(self, shape: Shape, now: float) -> str | None:
+    def shape_block(self, shape: Shape, queue: str, now: float) -> str | None:
+        res = shape.resources
+        if needs_placement(res) and self.placement.choose(queue, res) is None:
+            return f"resources {describe(res)} (queue {queue})"
         for name, cost in shape.limits:
             bucket = self.limiters.get(name)
             if bucket is None:

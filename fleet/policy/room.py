@@ -42,8 +42,9 @@ class Judge(Protocol):
 
     def project_key(self, tenant: str, project: str, now: float) -> float: ...
 
-    def shape_block(self, shape: Shape, now: float) -> str | None:
-        """Why a task of this shape cannot start now (a limiter out of tokens), or None."""
+    def shape_block(self, shape: Shape, queue: str, now: float) -> str | None:
+        """Why a task of this shape cannot start on ``queue`` now (no worker with the resources
+        free, a limiter out of tokens), or None."""
 
 
 class Lane:
@@ -307,7 +308,7 @@ class Room:
             blocked.add(project)
 
     def _take(self, place: Place, band: int, bucket: Bucket, now: float, judge: Judge) -> Picked | None:
-        if bucket.again and judge.shape_block(bucket.again[0].shape, now) is None:
+        if bucket.again and judge.shape_block(bucket.again[0].shape, place.queue, now) is None:
             entry = bucket.again.popleft()
             self._count(place, band, -1, now)
             self._job_entries(entry.job_id, -1)
@@ -315,7 +316,7 @@ class Room:
         while bucket.lanes and bucket.lanes[0].live == 0:
             bucket.lanes.popleft()
         for lane in bucket.lanes:
-            if lane.live and judge.shape_block(lane.shape, now) is None:
+            if lane.live and judge.shape_block(lane.shape, place.queue, now) is None:
                 item = lane.pop()
                 assert item is not None
                 self._count(place, band, -1, now)

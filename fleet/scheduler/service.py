@@ -42,6 +42,7 @@ from fleet.core.records import (
     InvalidRecord,
     JobSpec,
     PrioritizeRequest,
+    Resources,
     RetryRequest,
     StartReport,
     TaskEnvelope,
@@ -154,11 +155,15 @@ class Scheduler:
         self._policy = policy
 
     def slots(self) -> dict[str, int]:
-        """Slots of the live workers of each queue (what the runway is sized to)."""
+        """Slots of the live workers of each queue (what the runway is sized to); also tells the
+        ledger what each live worker has, for tasks that ask for resources."""
         out: dict[str, int] = {}
+        live: dict[str, tuple[str, Resources]] = {}
         for w in self.workers.alive():
             if w.queue and not w.stopping:
                 out[w.queue] = out.get(w.queue, 0) + w.slots
+                live[w.worker_id] = (w.queue, w.resources or Resources(cpus=w.slots))
+        self.ledger.gate.placement.sync(live)
         return out
 
     async def _reconnected(self) -> None:

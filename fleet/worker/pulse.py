@@ -34,7 +34,7 @@ from nats.aio.client import Client as NATS
 
 from broker import names
 from broker.connection import connect, shutdown
-from fleet.core.records import Heartbeat, HeartbeatReply
+from fleet.core.records import Heartbeat, HeartbeatReply, Resources
 from fleet.worker.registry import Held, Registry
 
 log = logging.getLogger("fleet.worker")
@@ -67,8 +67,10 @@ class Pulse:
         stalled: Callable[[float], bool],
         interval_s: float,
         lease_s: float,
+        resources: Resources | None = None,
     ) -> None:
         self.url = url
+        self.resources = resources
         self.worker_id = worker_id
         self.queue = queue
         self.registry = registry
@@ -215,6 +217,7 @@ class Pulse:
             at=time.time(),
             interval_s=self.interval_s,
             stopping=stopping or final,
+            resources=self.resources,
         )
         self.beats += 1
         timeout = min(self.reply_timeout, 0.5) if final else self.reply_timeout

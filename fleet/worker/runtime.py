@@ -61,6 +61,8 @@ log = logging.getLogger("fleet.worker")
 T = TypeVar("T")
 
 EXIT_MARGIN_S = 0.8
+PLACED_INACTIVE_S = 3600.0
+"""A dead worker's placement consumer is removed by the server after this long unused."""
 """After the grace period, how long preempted tasks have to be reported before the worker exits."""
 
 
@@ -112,6 +114,9 @@ class Worker:
             self.lease_s = float(info.config.ack_wait or self.s.lease_s)
             self.registry = Registry(lease_s=self.lease_s, interval_s=self.heartbeat_s)
             psub = await js.pull_subscribe_bind(names.queue_consumer(self.s.queue), stream=names.TASKS_STREAM)
+            placed = names.placed_queue(self.worker_id)
+            await ensure_queue(js, placed, lease_s=self.lease_s, inactive_s=PLACED_INACTIVE_S)
+            self.placed = await js.pull_subscribe_bind(names.queue_consumer(placed), stream=names.TASKS_STREAM)
             cancel_sub = await nc.subscribe(names.CANCELS, cb=self._on_cancel)
             self.pub = Publisher(nc, ack_timeout=min(ACK_TIMEOUT, max(0.5, self.lease_s / 4)))
             self.events = EventSink(self.pub)
@@ -129,6 +134,7 @@ class Worker:
                 stalled=self._publish_stalled,
                 interval_s=self.heartbeat_s,
                 lease_s=self.lease_s,
+                resources=self.s.resources(),
             )
             self.tokens = TokenPools(self.worker_id, self.pulse.request)
             self._pulse_failed = loop.create_future()
@@ -178,7 +184,9 @@ class Worker:
             flush = tg.create_task(self.events.run())
             guard = tg.create_task(_raise_when_set(self._pulse_failed))
             self.ready.set()
-            await self._fetch_loop(psub)
+            async with asyncio.TaskGroup() as loops:  # the queue's runway, and tasks placed on us
+                loops.create_task(self._fetch_loop(psub))
+                loops.create_task(self._fetch_loop(self.placed))
             await self._drain()
             self.events.close()
             await flush

@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.provision import DEFAULT_LEASE_S
+from fleet.core.records import Resources
 
 
 class WorkerSettings(BaseSettings):
@@ -30,6 +31,21 @@ class WorkerSettings(BaseSettings):
     worker_id: str = ""
     allow: list[str] = []
     """Handler module prefixes this worker runs (``--allow``); empty: anything but the standard library."""
+    cpus: float = Field(default_factory=lambda: float(os.cpu_count() or 1), gt=0)
+    gpus: int = Field(default=0, ge=0)
+    memory_mb: int = Field(default_factory=lambda: _memory_mb(), ge=0)
+    labels: dict[str, str] = {}
+    """What this worker has, for tasks that ask for resources (``--cpus --gpus --memory --label k=v``)."""
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus, gpus=self.gpus, memory_mb=self.memory_mb, labels=self.labels)
+
+
+def _memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
+    except (ValueError, OSError):
+        return 0
 
 
 def default_worker_id() -> str:

@@ -100,3 +100,68 @@ async def test_policy_change_while_running(stack: Stack, tmp_path: Path) -> None
     record = await fleet.wait_job(job, timeout=30)
     assert record.counts == {"succeeded": 40}
     assert sched.ledger.policy.tenant("t").max_running == 6
+
+
+async def test_limiter_holds_its_rate_across_four_worker_processes(
+    stack: Stack, tmp_path: Path, spawn_worker: WorkerProcs
+) -> None:
+    rate, burst, window = 40.0, 10.0, 30.0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"limiters:\n  api-x: {{rate: {rate}, burst: {burst}}}\n")
+    sched = await stack.start_scheduler(policy_file=str(policy))
+    for _ in range(4):
+        spawn_worker(stack.url, concurrency=1)
+    await wait_for(lambda: sched.slots().get("default", 0) == 4, timeout=30, what="4 workers")
+    fleet = await stack.connect()
+    job = await fleet.submit_job("handlers:rate_calls", items=["api-x"] * 4, args=(window + 4,))
+    record = await fleet.wait_job(job, timeout=window + 30)
+    assert record.counts == {"succeeded": 4}
+    values = [v async for _, v in fleet.results(job)]  # one list per task (a bundle of one item)
+    calls = sorted(t for bundle in values for t in bundle[0])
+    start = calls[0] + 2.0  # past the first burst and every worker's first lease
+    inside = [t for t in calls if start <= t < start + window]
+    assert abs(len(inside) - rate * window) <= 0.05 * rate * window, (len(inside), rate * window)
+
+
+async def test_task_limits_are_paid_at_dispatch(stack: Stack, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("limiters:\n  api-y: {rate: 10, burst: 2}\n")
+    sched = await stack.start_scheduler(policy_file=str(policy))
+    await stack.start_worker(concurrency=8)
+    fleet = await stack.connect()
+    t0 = time.time()
+    job = await fleet.submit_job("handlers:square", items=range(22), limits={"api-y": 1})
+    record = await fleet.wait_job(job, timeout=20)
+    assert record.counts == {"succeeded": 22}
+    starts = sorted([r.started_at async for r, _ in fleet.results(job)])
+    # 2 at once, then 10 a second: the last of 22 starts about 2 s after the first
+    assert starts[-1] - starts[0] >= 1.6, starts[-1] - starts[0]
+    assert time.time() - t0 < 15
+    assert sched.ledger.gate.limiters.get("api-y") is not None
+
+
+async def test_tasks_go_only_to_workers_with_their_resources(stack: Stack) -> None:
+    sched = await stack.start_scheduler()
+    a100 = await stack.start_worker(concurrency=4, gpus=2, labels={"gpu": "a100"}, worker_id="w-a100")
+    t4 = await stack.start_worker(concurrency=4, gpus=1, labels={"gpu": "t4"}, worker_id="w-t4")
+    await wait_for(lambda: len(sched.ledger.gate.placement.machines) == 2, timeout=10, what="2 workers")
+    fleet = await stack.connect()
+    big = await fleet.submit_job(
+        "handlers:slow", items=[0.4] * 6, resources={"gpus": 1, "labels": {"gpu": "a100"}}
+    )
+    small = await fleet.submit_job(
+        "handlers:slow", items=[0.4] * 3, resources={"gpus": 1, "labels": {"gpu": "t4"}}
+    )
+    never = await fleet.submit_job("handlers:slow", items=[0.1], resources={"gpus": 8})
+    assert (await fleet.wait_job(big, timeout=20)).counts == {"succeeded": 6}
+    assert (await fleet.wait_job(small, timeout=20)).counts == {"succeeded": 3}
+    assert {r.worker_id async for r, _ in fleet.results(big)} == {a100.worker_id}
+    assert {r.worker_id async for r, _ in fleet.results(small)} == {t4.worker_id}
+    assert (await _max_overlap(fleet, big))[1] <= 2  # two GPUs: never booked twice
+    assert (await _max_overlap(fleet, small))[1] == 1
+    record = await fleet.wait_job(never, timeout=10)
+    assert record.counts == {"dead": 1}
+    state = [r async for r in fleet.tasks(never)][0]
+    assert (
+        state.reason is not None and "needs gpus=8, more than any worker of queue default has" in state.reason
+    )
