@@ -24,7 +24,6 @@ from fleet.policy.gate import DEFAULT_PROJECT, Gate
 from fleet.policy.resources import needs_placement
 from fleet.policy.room import BANDS, Place, Room
 
-
 ENVELOPE_CACHE = 20_000
 """Waiting tasks whose envelopes stay in memory (about 1 KB each)."""
 
@@ -32,7 +31,7 @@ ENVELOPE_CACHE = 20_000
 class Rate:
     """Events per second over about the last two seconds (1-s buckets)."""
 
-    __slots__ = ("second", "count", "last")
+    __slots__ = ("count", "last", "second")
 
     def __init__(self) -> None:
         self.second, self.count, self.last = 0, 0, 0.0

@@ -116,7 +116,9 @@ class Worker:
             psub = await js.pull_subscribe_bind(names.queue_consumer(self.s.queue), stream=names.TASKS_STREAM)
             placed = names.placed_queue(self.worker_id)
             await ensure_queue(js, placed, lease_s=self.lease_s, inactive_s=PLACED_INACTIVE_S)
-            self.placed = await js.pull_subscribe_bind(names.queue_consumer(placed), stream=names.TASKS_STREAM)
+            self.placed = await js.pull_subscribe_bind(
+                names.queue_consumer(placed), stream=names.TASKS_STREAM
+            )
             cancel_sub = await nc.subscribe(names.CANCELS, cb=self._on_cancel)
             self.pub = Publisher(nc, ack_timeout=min(ACK_TIMEOUT, max(0.5, self.lease_s / 4)))
             self.events = EventSink(self.pub)

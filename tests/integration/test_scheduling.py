@@ -161,7 +161,7 @@ async def test_tasks_go_only_to_workers_with_their_resources(stack: Stack) -> No
     assert (await _max_overlap(fleet, small))[1] == 1
     record = await fleet.wait_job(never, timeout=10)
     assert record.counts == {"dead": 1}
-    state = [r async for r in fleet.tasks(never)][0]
+    (state,) = [r async for r in fleet.tasks(never)]
     assert (
         state.reason is not None and "needs gpus=8, more than any worker of queue default has" in state.reason
     )
