@@ -39,6 +39,7 @@ from fleet.core.records import (
     JobRecord,
     JobSpec,
     Payload,
+    PrioritizeRequest,
     Record,
     Resources,
     RetryPolicy,
@@ -48,6 +49,8 @@ from fleet.core.records import (
     TaskEnvelope,
     TaskEvent,
     TaskRecord,
+    TokenGrant,
+    TokenRequest,
 )
 from fleet.core.states import TaskState
 
@@ -138,7 +141,10 @@ FULL = TaskEnvelope(
     tenant="physics",
     queue="gpu",
     priority=9,
-    resources=Resources(cpus=2.5, gpus=1, memory_mb=4096),
+    qos="urgent",
+    project="climate",
+    resources=Resources(cpus=2.5, gpus=1, memory_mb=4096, labels={"gpu": "a100"}),
+    limits={"api-x": 2.0},
     retry=RetryPolicy(max_attempts=5, backoff_s=0.5, backoff_max_s=60.0, multiplier=3.0, jitter=0.0),
     timeout_s=120.0,
     idempotency_key="sweep-2023-11-14:t0000002",
@@ -422,6 +428,25 @@ def valid_vectors() -> list[dict[str, Any]]:
             ),
         ),
         valid(
+            "task-record-dispatched-placed",
+            "A GPU task released from the waiting room and placed on the worker that has its GPUs.",
+            TaskRecord(
+                job_id="j-sweep",
+                task_id="t0000003",
+                state=TaskState.DISPATCHED,
+                rev=1,
+                at=T0 + 5.2,
+                queue="gpu",
+                dispatch=1,
+                seq=19,
+                intake_seq=5,
+                priority=7,
+                resources=Resources(cpus=4, gpus=1, memory_mb=16000, labels={"gpu": "a100"}),
+                limits={"api-x": 1.0},
+                placed=WORKER,
+            ),
+        ),
+        valid(
             "task-record-retrying",
             "A task waiting out its backoff after a failure of class error.",
             TaskRecord(
@@ -544,6 +569,44 @@ def valid_vectors() -> list[dict[str, Any]]:
                 include_dead=True,
                 at=T0 + 90,
             ),
+        ),
+        valid(
+            "prioritize-job",
+            "Make every waiting task of a job (and its later ones) priority 9 in the urgent class.",
+            PrioritizeRequest(
+                job_id="j-sweep", request_id="p-0123456789ab", priority=9, qos="urgent", at=T0 + 95
+            ),
+        ),
+        valid(
+            "prioritize-tasks",
+            "Lower two waiting tasks of a job to priority 1.",
+            PrioritizeRequest(
+                job_id="j-sweep",
+                request_id="p-0123456789ac",
+                priority=1,
+                task_ids=["t0000001", "t0000002"],
+                at=T0 + 96,
+            ),
+        ),
+        valid(
+            "token-request",
+            "A worker's handlers want 25 tokens of the limiter api-x.",
+            TokenRequest(limiter="api-x", want=25.0, worker_id=WORKER),
+        ),
+        valid(
+            "token-request-throttled",
+            "A handler got HTTP 429 with Retry-After: 30 (the limiter slows down for everyone).",
+            TokenRequest(limiter="api-x", want=1.0, worker_id=WORKER, throttled=True, retry_after_s=30.0),
+        ),
+        valid(
+            "token-grant",
+            "The scheduler leases 20 tokens, usable for 2 seconds.",
+            TokenGrant(limiter="api-x", granted=20.0, lease_s=2.0),
+        ),
+        valid(
+            "token-grant-none",
+            "No tokens now: ask again in 0.15 s.",
+            TokenGrant(limiter="api-x", granted=0.0, lease_s=2.0, retry_in_s=0.15),
         ),
         valid(
             "dead-letter",

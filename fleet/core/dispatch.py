@@ -199,7 +199,7 @@ class Dispatching:
 
     def _send(self, entry: TaskEntry, now: float) -> list[Effect]:
         """DISPATCHED, on its way to the work queue as a new message (a new fencing base)."""
-        if not self._move(entry, TaskState.DISPATCHED, now):
+        if not self._move(entry, TaskState.DISPATCHED, now, entry.reason):  # why it (re)runs
             return []
         entry.dispatch += 1
         entry.pending, entry.token = True, None

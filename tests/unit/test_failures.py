@@ -130,9 +130,10 @@ def test_repeated_failures_end_after_exactly_the_budget(p: RetryPolicy, cls: Fai
         C.PREEMPTED: p.max_preemptions,
         C.INFRA: p.max_infra,
         C.INVALID: 1,
+        C.REJECTED: 1,
     }[cls]
     assert n == expected
-    assert verdict.action == ("dead" if cls in (C.LOST, C.INVALID) else "fail")
+    assert verdict.action == ("dead" if cls in (C.LOST, C.INVALID, C.REJECTED) else "fail")
     assert c.attempt == (expected if cls in ATTEMPT_CLASSES else 1)
 
 

@@ -11,6 +11,7 @@ from ledger_kit import (
     FAIL,
     OK,
     T0,
+    D,
     J,
     Q,
     R,
@@ -39,21 +40,25 @@ REF2 = codec.content_ref(b"another")
 def test_admit_dispatches_and_the_record_waits_for_the_sequence() -> None:
     ledger = Ledger(rand=no_jitter)
     e = env("t1", queue="gpu")
-    (d,) = ledger.admit(e, T0, intake_seq=7)
+    assert ledger.admit(e, T0, intake_seq=7) == []  # it waits in the room: no record of its own
+    assert ledger.take_states(T0) == []
+    assert ledger.release(T0, {}) == []  # no workers
+    (d,) = ledger.release(T0, {"gpu": 1})
     assert d == Dispatch(J, "t1", "gpu", attempt=1, dispatch=1, intake_seq=7, envelope=e)
     assert ledger.take_states(T0) == []  # the dispatch is written first (phase 1)
     ledger.dispatched(J, "t1", 1, 555)
     (rec,) = ledger.take_states(T0)
-    assert (rec.state, rec.seq, rec.dispatch, rec.attempt, rec.rev, rec.queue) == (Q, 555, 1, 1, 1, "gpu")
+    assert (rec.state, rec.seq, rec.dispatch, rec.attempt, rec.rev, rec.queue) == (D, 555, 1, 1, 1, "gpu")
     assert (rec.intake_seq, rec.token, rec.worker_id) == (7, None, None)
     assert ledger.take_states(T0) == []  # each change is taken once
     (job,) = ledger.take_jobs()
-    assert (job.submitted, job.counts, job.finished_at) == (1, {"queued": 1}, None)
+    assert (job.submitted, job.counts, job.finished_at) == (1, {"dispatched": 1}, None)
 
 
 def test_dispatched_ignores_another_dispatch_number() -> None:
     ledger = Ledger(rand=no_jitter)
     ledger.admit(env("t1"), T0)
+    ledger.release(T0, {"default": 1})
     ledger.dispatched(J, "t1", 2, 555)  # not the dispatch the ledger made
     ledger.dispatched(J, "other", 1, 556)
     assert ledger.take_states(T0) == []
@@ -78,7 +83,7 @@ def test_admit_with_future_not_before_waits_for_tick() -> None:
     assert s.tick(T0 + 59.9) == []
     (d,) = only(s.tick(T0 + 60), Dispatch)
     assert (d.dispatch, d.attempt, d.envelope) == (1, 1, None)  # the shell reads it from the intake
-    assert (s.last("t1").state, s.last("t1").seq, s.last("t1").not_before) == (Q, s.seq, None)
+    assert (s.last("t1").state, s.last("t1").seq, s.last("t1").not_before) == (D, s.seq, None)
     assert s.tick(T0 + 120) == []
 
 
@@ -164,7 +169,7 @@ def test_attempt_failures_retry_after_backoff_with_the_next_attempt(cls: Failure
     assert s.tick(rec.not_before - 0.01) == []
     (d,) = only(s.tick(rec.not_before), Dispatch)
     assert (d.attempt, d.dispatch) == (2, 2)
-    assert (s.last("t1").state, s.last("t1").seq) == (Q, s.seq)
+    assert (s.last("t1").state, s.last("t1").seq) == (D, s.seq)
     assert s.last_job().retries == 1
 
 
@@ -213,7 +218,7 @@ def test_retry_after_zero_dispatches_at_once() -> None:
     out = s.finish("t1", failure=FailureClass.ERROR, retry_after_s=0.0)
     (d,) = only(out, Dispatch)
     assert (d.attempt, d.dispatch) == (2, 2)
-    assert (s.last("t1").state, s.last("t1").attempt) == (Q, 2)
+    assert (s.last("t1").state, s.last("t1").attempt) == (D, 2)
 
 
 def test_preempted_requeues_without_using_attempts() -> None:
@@ -225,7 +230,7 @@ def test_preempted_requeues_without_using_attempts() -> None:
     assert (d.attempt, d.dispatch) == (1, 2)
     assert DeleteDispatch(fencing.seq_of(old)) in out
     rec = s.last("t1")
-    assert (rec.state, rec.attempt, rec.preempted, rec.seq) == (Q, 1, 1, s.seq)
+    assert (rec.state, rec.attempt, rec.preempted, rec.seq) == (D, 1, 1, s.seq)
     assert s.last_job().requeues == 1 and s.last_job().retries == 0
     s.finish("t1", failure=FailureClass.PREEMPTED)
     assert (s.last("t1").state, s.last("t1").preempted) == (FAIL, 2)
@@ -284,7 +289,7 @@ def test_job_is_not_finished_while_a_submitted_task_is_live() -> None:
     s.admit("a", "b", "c")
     s.finish("a")
     s.finish("b")
-    assert s.state("c") == Q
+    assert s.state("c") == D
     assert s.last_job().finished_at is None  # today: finished, so it is pruned and archived under c
 
 
@@ -338,7 +343,7 @@ def test_cancel_one_task_purges_only_its_subject() -> None:
     s.admit(env("a", queue="gpu"), "b")
     out = s.cancel("a")
     assert Purge(names.TASKS_STREAM, names.task_subject("gpu", J, "a")) in out
-    assert (s.state("a"), s.state("b")) == (CXL, Q)
+    assert (s.state("a"), s.state("b")) == (CXL, D)
     assert not s.ledger.jobs[J].cancelled
 
 
@@ -411,7 +416,7 @@ def test_retry_request_reopens_failed_tasks_with_the_next_attempt() -> None:
         ("a", 2, 2),
         ("b", 2, 2),
     ]
-    assert [s.state(t) for t in "abcde"] == [Q, Q, DEAD, DEAD, OK]
+    assert [s.state(t) for t in "abcde"] == [D, D, DEAD, DEAD, OK]
     job = s.last_job()
     assert job.finished_at is None and job.retried_at == T0 + 50
     assert job.failures == {"invalid": 1, "lost": 1}
@@ -542,4 +547,4 @@ def test_reload_brings_a_pruned_job_back_for_a_retry() -> None:
     s.ledger.reload(J, records)
     assert not s.ledger.is_pruned(J)
     assert len(only(s.retry(request="r2", at=T0 + 101), Dispatch)) == 2
-    assert s.last_job().counts == {"queued": 2, "dead": 2, "succeeded": 1}
+    assert s.last_job().counts == {"dispatched": 2, "dead": 2, "succeeded": 1}

@@ -7,6 +7,7 @@ from ledger_kit import (
     DEAD,
     OK,
     T0,
+    D,
     J,
     Q,
     R,
@@ -51,11 +52,11 @@ def test_start_of_an_older_dispatch_is_ignored() -> None:
     s.admit("t1")
     old = s.start("w1", "t1")
     s.worker_lost("w1")
-    assert s.state("t1") == Q
+    assert s.state("t1") == D
     assert s.started("w1", "t1", old) == []
     assert s.started("w1", "t1", fencing.make(fencing.seq_of(old), 5)) == []
     e = s.entry("t1")
-    assert (e.state, e.worker, e.seq) == (Q, None, s.seq)
+    assert (e.state, e.worker, e.seq) == (D, None, s.seq)
 
 
 def test_start_of_a_task_never_dispatched_is_ignored() -> None:
@@ -136,7 +137,7 @@ def test_done_from_an_older_dispatch_is_stale() -> None:
     rev = s.last("t1").rev
     assert s.done("t1", old, worker="w1") == []
     assert s.done("t1", old, worker="w1", failure=FailureClass.ERROR) == []
-    assert (s.state("t1"), s.last("t1").rev) == (Q, rev)
+    assert (s.state("t1"), s.last("t1").rev) == (D, rev)
     assert s.last_job().stale_reports == 2
     new = s.start("w2", "t1")
     assert len(only(s.done("t1", new, worker="w2"), SaveResult)) == 1
@@ -198,11 +199,13 @@ def _requeued_before_seq_is_known() -> tuple[Ledger, int]:
     (and only then calls dispatched()), so reports of message 10 can follow in the same batch."""
     ledger = Ledger(rand=no_jitter)
     ledger.admit(env("t1"), T0)
+    ledger.release(T0, {"default": 1})
     ledger.dispatched(J, "t1", 1, 10)
     ledger.started(start("w1", ("t1", fencing.make(10, 1))), T0)
     out = ledger.done(done("t1", fencing.make(10, 1), failure=FailureClass.PREEMPTED), T0)
+    out += ledger.release(T0, {"default": 1})
     entry = ledger.task(J, "t1")
-    assert entry is not None and entry.state == Q and entry.pending and entry.seq == 10
+    assert entry is not None and entry.state == D and entry.pending and entry.seq == 10
     assert DeleteDispatch(10) in out and only(out, Dispatch)
     return ledger, fencing.make(10, 2)
 
@@ -212,7 +215,7 @@ def test_start_of_the_old_dispatch_is_ignored_while_the_new_seq_is_pending() -> 
     ledger.started(start("w2", ("t1", tok2)), T0)  # a redelivery of message 10 to w2
     entry = ledger.task(J, "t1")
     assert entry is not None
-    assert (entry.state, entry.worker) == (Q, None)  # today: RUNNING, held by w2 on message 10
+    assert (entry.state, entry.worker) == (D, None)  # today: RUNNING, held by w2 on message 10
 
 
 def test_done_of_the_old_dispatch_is_stale_while_the_new_seq_is_pending() -> None:
@@ -220,7 +223,7 @@ def test_done_of_the_old_dispatch_is_stale_while_the_new_seq_is_pending() -> Non
     # a second outcome for the same attempt, from the message the requeue superseded
     assert ledger.done(done("t1", tok2, worker="w2"), T0) == []  # today: accepted, SaveResult
     entry = ledger.task(J, "t1")
-    assert entry is not None and entry.state == Q
+    assert entry is not None and entry.state == D
 
 
 # ---- lost workers ------------------------------------------------------------------------------------------------
@@ -236,14 +239,14 @@ def test_worker_lost_requeues_only_its_running_tasks() -> None:
     assert only(out, DeleteDispatch) == [DeleteDispatch(fencing.seq_of(ta))]
     rec = s.last("a")
     assert (rec.state, rec.seq, rec.lost, rec.worker_id, rec.failure) == (
-        Q,
+        D,
         s.seq,
         1,
         None,
         FailureClass.LOST,
     )
     assert "w1" in (rec.reason or "")
-    assert [s.state(t) for t in "abcd"] == [Q, R, OK, Q]
+    assert [s.state(t) for t in "abcd"] == [D, R, OK, D]
     assert s.ledger.holders() == ["w2"]
     assert s.last_job().requeues == 1
     assert s.worker_lost("w1") == []

@@ -14,7 +14,7 @@ from collections import Counter
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from ledger_kit import T0, J, Q, R, S, Shell, done, env, heartbeat, policy
+from ledger_kit import T0, D, J, Q, R, S, Shell, done, env, heartbeat, policy
 
 from broker import names
 from fleet.core import fencing
@@ -102,7 +102,10 @@ class LedgerMachine(RuleBasedStateMachine):
                 continue
             before = self.states[t]
             if before in TERMINAL and e.state != before:  # only a retry request reopens
-                assert reopen and before in (TaskState.FAILED, TaskState.DEAD) and e.state == Q, (t, before)
+                assert reopen and before in (TaskState.FAILED, TaskState.DEAD) and e.state in (Q, D), (
+                    t,
+                    before,
+                )
             self.states[t] = e.state
             if e.token is not None:
                 assert e.token >= self.max_token.get(t, 0), "a holder's token went backwards"
@@ -165,7 +168,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert pre is not None and job.stale_reports == stale
         state, seq, holder, cur_attempt = pre
         # only the holder, or a newer delivery of the current dispatch whose start was not seen
-        assert state in (Q, R) and attempt == cur_attempt
+        assert state in (D, R) and attempt == cur_attempt
         assert seq == fencing.seq_of(tok) and tok >= (holder or 0), (pre, tok)
         self.outcomes[(task, fencing.seq_of(tok))] += 1
         assert self.outcomes[(task, fencing.seq_of(tok))] == 1, "two outcomes accepted for one dispatch"
@@ -244,6 +247,8 @@ class LedgerMachine(RuleBasedStateMachine):
             e = self.entry(t)
             if e is None or e.state in TERMINAL:
                 continue
+            if e.state == Q and e.waiting:
+                raise AssertionError(f"{t} waits though the shell releases into free slots at once")
             if e.state == S or (e.state == Q and e.dispatch == 0):
                 assert e.not_before is not None, t  # a timer will dispatch it
             else:

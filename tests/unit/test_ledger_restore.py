@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ledger_kit import CXL, DEAD, FAIL, OK, T0, J, Q, R, S, Shell, env, heartbeat, no_jitter, only
+from ledger_kit import CXL, DEAD, FAIL, OK, T0, D, J, Q, R, S, Shell, done, env, heartbeat, no_jitter, only
 
 from broker import names
 from fleet.core import fencing
@@ -81,20 +81,22 @@ def test_restored_ledger_keeps_fencing() -> None:
     assert s.ledger.heartbeat_fences(heartbeat("w1", ("running", held))) == []
     out = s.worker_lost("w1")
     assert DeleteDispatch(fencing.seq_of(held)) in out
-    assert s.state("running") == Q
+    assert s.state("running") == D
 
 
-def test_queued_without_seq_is_redispatched_with_the_same_number() -> None:
+def test_a_dispatch_whose_record_was_lost_is_redispatched_with_the_same_number() -> None:
     s = Shell()
     s.admit("a")
-    s.finish("a", "w1", failure=FailureClass.PREEMPTED)  # dispatch 2
-    rec = s.last("a")
-    assert (rec.state, rec.dispatch) == (Q, 2)
-    s.records.append(rec.model_copy(update={"seq": None, "rev": rec.rev + 1}))  # crashed before seq
-    (d,) = only(s.restart(), Dispatch)
+    tok = s.start("w1", "a")
+    preempted = done("a", tok, failure=FailureClass.PREEMPTED)
+    s.apply(s.ledger.done(preempted, s.now))  # requeued: dispatch 2
+    rec = s.records.pop()  # the crash came after dispatch 2 was stored, before its record
+    assert (rec.state, rec.dispatch) == (D, 2)
+    assert s.restart() == []  # the report was not acknowledged: it comes back
+    (d,) = only(s.apply(s.ledger.done(preempted, s.now)), Dispatch)
     assert (d.task_id, d.attempt, d.dispatch, d.intake_seq) == ("a", 1, 2, rec.intake_seq)
     assert names.msgid_dispatch(J, "a", d.attempt, d.dispatch) == names.msgid_dispatch(J, "a", 1, 2)
-    assert (s.last("a").state, s.last("a").seq, s.last("a").dispatch) == (Q, s.seq, 2)
+    assert (s.last("a").state, s.last("a").seq, s.last("a").dispatch) == (D, s.seq, 2)
 
 
 def test_job_whose_last_task_ended_before_the_crash_is_finished() -> None:
@@ -116,7 +118,7 @@ def test_old_records_are_restored_like_any_other() -> None:
     running = TaskRecord(
         job_id=J, task_id="old-run", state=R, rev=3, at=T0, dispatch=1, seq=7, token=7001, worker_id="w1"
     )
-    queued = TaskRecord(job_id=J, task_id="old-q", state=Q, rev=1, at=now - 73 * 3600, dispatch=1, seq=8)
+    queued = TaskRecord(job_id=J, task_id="old-q", state=D, rev=1, at=now - 73 * 3600, dispatch=1, seq=8)
     job = JobRecord(job_id=J, total=2, submitted=2, created_at=T0, updated_at=T0)
     ledger = Ledger(rand=no_jitter)
     ledger.restore_job(job)
@@ -124,7 +126,7 @@ def test_old_records_are_restored_like_any_other() -> None:
     ledger.restore_task(queued)
     assert ledger.after_restore(now) == []
     assert ledger.holders() == ["w1"]
-    assert ledger.jobs[J].record().counts == {"running": 1, "queued": 1}
+    assert ledger.jobs[J].record().counts == {"running": 1, "dispatched": 1}
     s = Shell(ledger)
     s.now = now
     assert [d.task_id for d in only(s.worker_lost("w1"), Dispatch)] == ["old-run"]
@@ -172,7 +174,7 @@ def test_retry_after_restore_of_a_finished_job() -> None:
     out = s.retry(at=T0 + 1)
     assert [(d.task_id, d.attempt) for d in only(out, Dispatch)] == [("a", 2)]
     assert s.last_job().finished_at is None
-    assert s.last_job().counts == {"queued": 1, "succeeded": 1}
+    assert s.last_job().counts == {"dispatched": 1, "succeeded": 1}
     s.finish("a")
     assert s.last_job().finished_at == T0
 

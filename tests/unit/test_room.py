@@ -36,7 +36,9 @@ T0 = 1_000_000.0
 
 def _policy(text: str = "", **runway: float) -> config.Policy:
     p = config.load(text)
-    return p.model_copy(update={"runway": config.RunwayPolicy(headroom=0, min_headroom=0, **runway)})
+    return p.model_copy(
+        update={"runway": config.RunwayPolicy(headroom=0, min_headroom=0, ahead_s=0, **runway)}
+    )
 
 
 @dataclasses.dataclass

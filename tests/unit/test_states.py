@@ -23,6 +23,7 @@ SOURCES: list[TaskState | None] = [None, *ALL]
 def test_state_values() -> None:
     assert {s.value for s in TaskState} == {
         "queued",
+        "dispatched",
         "running",
         "retrying",
         "succeeded",
@@ -57,7 +58,18 @@ def test_every_live_state_can_be_cancelled() -> None:
 
 def test_specific_moves() -> None:
     assert TRANSITIONS[None] == {TaskState.QUEUED, TaskState.DEAD, TaskState.CANCELLED}
-    assert TRANSITIONS[TaskState.QUEUED] == {TaskState.RUNNING, TaskState.CANCELLED, TaskState.DEAD}
+    assert TRANSITIONS[TaskState.QUEUED] == {
+        TaskState.DISPATCHED,
+        TaskState.RUNNING,  # the start of a dispatch whose record a crash lost
+        TaskState.CANCELLED,
+        TaskState.DEAD,
+    }
+    assert TRANSITIONS[TaskState.DISPATCHED] == {
+        TaskState.RUNNING,
+        TaskState.QUEUED,  # its worker was lost before it started (placed tasks)
+        TaskState.CANCELLED,
+        TaskState.DEAD,
+    }
     # a due retry an admission policy rejects ends DEAD
     assert TRANSITIONS[TaskState.RETRYING] == {TaskState.QUEUED, TaskState.CANCELLED, TaskState.DEAD}
     assert TRANSITIONS[TaskState.RUNNING] == {

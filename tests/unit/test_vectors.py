@@ -35,6 +35,9 @@ WIRE_RECORDS = {
     "Heartbeat",
     "HeartbeatReply",
     "RetryRequest",
+    "PrioritizeRequest",
+    "TokenRequest",
+    "TokenGrant",
     "TaskRecord",
     "DeadLetter",
 }
