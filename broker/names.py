@@ -220,6 +220,14 @@ def job_event_subject(job: str) -> str:
     return f"{PREFIX}.event.{job}.{EVENT_JOB}"
 
 
+def budget_notice_subject(tenant: str) -> str:
+    """A tenant's budget warnings (in FLEET_EVENTS: no job or task is named ``_tenant``'s kind)."""
+    return f"{PREFIX}.event._tenant.{tenant}.budget"
+
+
+BUDGET_NOTICES = f"{PREFIX}.event._tenant.*.budget"
+
+
 def job_events_filter(job: str) -> str:
     return f"{PREFIX}.event.{job}.>"
 
@@ -317,6 +325,10 @@ def msgid_done(job: str, task: str, token: int) -> str:
 
 def msgid_prioritize(job: str, request: str) -> str:
     return f"prio:{job}/{request}"
+
+
+def msgid_notice(tenant: str, resource: str, threshold: float, period: int) -> str:
+    return f"notice:{tenant}:{resource}:{threshold:g}:{period}"
 
 
 def msgid_dead(job: str, task: str, attempt: int, dispatch: int) -> str:

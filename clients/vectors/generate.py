@@ -28,6 +28,7 @@ import msgpack
 from broker import blobs, codec
 from fleet.core.failures import FailureClass
 from fleet.core.records import (
+    BudgetNotice,
     CancelRequest,
     DeadLetter,
     DoneReport,
@@ -607,6 +608,20 @@ def valid_vectors() -> list[dict[str, Any]]:
             "token-grant-none",
             "No tokens now: ask again in 0.15 s.",
             TokenGrant(limiter="api-x", granted=0.0, lease_s=2.0, retry_in_s=0.15),
+        ),
+        valid(
+            "budget-notice",
+            "Tenant lab-a used 1,000 of its 1,000 CPU-hours: its new work is held (on_budget: hold).",
+            BudgetNotice(
+                tenant="lab-a",
+                resource="cpu-hours",
+                used=1000.4,
+                limit=1000.0,
+                threshold=1.0,
+                held=True,
+                at=T0 + 97,
+                message="tenant lab-a reached its cpu-hours budget (1000.4/1000): new work is held",
+            ),
         ),
         valid(
             "dead-letter",

@@ -33,6 +33,7 @@ from fleet.core.effects import (
 from fleet.core.failures import FailureClass
 from fleet.core.jobs import JobStats
 from fleet.core.records import (
+    BudgetNotice,
     CancelRequest,
     DeadLetter,
     DoneReport,
@@ -47,6 +48,7 @@ from fleet.core.records import (
 )
 from fleet.core.states import TERMINAL, TaskState, can_move
 from fleet.core.tasks import TaskEntry, shape_of
+from fleet.policy.budget import Notice, period_index
 
 log = logging.getLogger("fleet.scheduler")
 
@@ -310,19 +312,23 @@ class Ledger(Dispatching):
             self._hold(entry, report.worker_id, report.token)
             self._move(entry, TaskState.RUNNING, now)
         entry.token = report.token
-        self.gate.ran(
+        notices = self.gate.ran(
             job.tenant, job.project or "default", entry.shape, report.finished_at - report.started_at, now
         )
+        extra: list[Effect] = [self._notice(n) for n in notices]
         if report.result is not None and report.result.ref:
             blob = names.blob_name(report.job_id, report.result.ref)
             entry.blobs = (*entry.blobs, blob)
             job.blobs.add(blob)
         if report.outcome == "succeeded":
             self._move(entry, TaskState.SUCCEEDED, now)
-            return [SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire())]
+            return [
+                SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire()),
+                *extra,
+            ]
         if report.outcome == "cancelled":
             self._move(entry, TaskState.CANCELLED, now, "cancelled while running")
-            return []
+            return extra
         err = report.error
         cls = err.failure if err is not None else FailureClass.ERROR
         reason = f"{err.type}: {err.message}" if err is not None else "failed"
@@ -336,7 +342,26 @@ class Ledger(Dispatching):
         )
         if entry.state in (TaskState.FAILED, TaskState.DEAD) and report.outcome == "failed":
             out.append(SaveResult(report.job_id, report.task_id, report.attempt, raw or report.to_wire()))
-        return out
+        return out + extra
+
+    def _notice(self, n: Notice) -> Publish:
+        log.warning("%s", n.message)
+        record = BudgetNotice(
+            tenant=n.tenant,
+            resource=n.resource,
+            used=n.used,
+            limit=n.limit,
+            threshold=n.threshold,
+            held=n.held,
+            at=n.at,
+            message=n.message,
+        )
+        period = period_index(self.policy.tenant(n.tenant), n.at)
+        return Publish(
+            names.budget_notice_subject(n.tenant),
+            record,
+            names.msgid_notice(n.tenant, n.resource, n.threshold, period),
+        )
 
     def _failed(
         self,

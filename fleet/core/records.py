@@ -466,6 +466,20 @@ class TokenGrant(Record):
     reason: str | None = None
 
 
+class BudgetNotice(Record):
+    """A tenant crossed a budget threshold (``fleet.event._tenant.<tenant>.budget``)."""
+
+    tenant: Token
+    resource: Literal["cpu-hours", "gpu-hours"]
+    used: float = Field(ge=0)
+    limit: float = Field(ge=0)
+    threshold: float = Field(gt=0, le=1)
+    held: bool = False
+    """At 100 % with ``on_budget: hold``: the tenant's new work waits for the next period."""
+    at: Time
+    message: str = ""
+
+
 class DeadLetter(Record):
     """Input the scheduler could not admit, or a task that ended dead, kept for inspection."""
 

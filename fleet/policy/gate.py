@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fleet.core.tasks import Shape
 from fleet.policy import quota
+from fleet.policy.budget import Budgets, Notice
 from fleet.policy.config import Policy
 from fleet.policy.fairshare import FairShare
 from fleet.policy.resources import Placement, describe, needs_placement
@@ -25,6 +26,7 @@ class Gate:
         self.share = FairShare(self.policy.fairshare.half_life)
         self.limiters = Limiters()
         self.placement = Placement()
+        self.budgets = Budgets()
         self.holders: dict[str, dict[str, float]] = {}
         """Workers that asked each limiter for tokens lately (limiter -> worker -> when)."""
 
@@ -52,11 +54,14 @@ class Gate:
     def pending(self, tenant: str, delta: int) -> None:
         self.load(tenant).pending += delta
 
-    def ran(self, tenant: str, project: str, shape: Shape, runtime_s: float, now: float) -> None:
-        """An attempt ended after ``runtime_s``: its usage counts in fair share."""
+    def ran(self, tenant: str, project: str, shape: Shape, runtime_s: float, now: float) -> list[Notice]:
+        """An attempt ended after ``runtime_s``: its usage counts in fair share and budgets; the
+        budget warnings it crosses."""
         used = max(0.0, runtime_s) * shape.billing(self.policy.fairshare.gpu_weight)
         self.share.charge(tenant, used, now)
         self.share.charge(f"{tenant}/{project}", used, now)
+        res = shape.resources
+        return self.budgets.charge(tenant, self.policy.tenant(tenant), res.cpus, res.gpus, runtime_s, now)
 
     # -- what the room asks --------------------------------------------------------------------------
     def admit_block(self, tenant: str) -> str | None:
@@ -65,7 +70,11 @@ class Gate:
 
     def tenant_block(self, tenant: str, now: float) -> str | None:
         load, tp = self.load(tenant), self.policy.tenant(tenant)
-        return None if quota.can_run(load, tp) else quota.held_reason(tenant, load, tp)
+        if not quota.can_run(load, tp):
+            return quota.held_reason(tenant, load, tp)
+        if tp.cpu_hours is not None or tp.gpu_hours is not None:
+            return self.budgets.status(tenant, tp, now).reason
+        return None
 
     def tenant_key(self, tenant: str, now: float) -> float:
         return self.share.key(tenant, self.load(tenant).cores, self.policy.tenant(tenant).weight, now)

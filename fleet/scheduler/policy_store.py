@@ -9,14 +9,16 @@ keeps the one it has): a bad edit never stops scheduling.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from broker import names
 from fleet.policy.config import Policy, PolicyError, load, load_file
+from fleet.policy.gate import Gate
 
 log = logging.getLogger("fleet.scheduler")
 
@@ -58,3 +60,47 @@ async def watch(js: JetStreamContext, apply: Callable[[Policy], None]) -> None:
         except Exception as exc:  # disconnected: watch again
             log.warning("policy watch failed (%s); retrying", exc)
             await asyncio.sleep(1.0)
+
+
+FAIRSHARE_KEY = "fairshare"
+
+
+async def load_usage(js: JetStreamContext, gate: Gate) -> int:
+    """Usage accounting (budgets per tenant, decayed fair-share usage) as the last scheduler left it."""
+    kv = await js.key_value(names.POLICY_BUCKET)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return 0
+    n = 0
+    for key in keys:
+        if key != FAIRSHARE_KEY and not key.startswith("usage."):
+            continue
+        try:
+            entry = await kv.get(key)
+            data = json.loads(entry.value or b"{}")
+            if key == FAIRSHARE_KEY:
+                gate.share.load(data)
+            else:
+                gate.budgets.load(key.removeprefix("usage."), data)
+                n += 1
+        except (KeyNotFoundError, NotFoundError):
+            continue
+        except ValueError as exc:
+            log.error("usage record %s is unreadable (%s); starting it from zero", key, exc)
+    return n
+
+
+async def save_usage(js: JetStreamContext, gate: Gate, now: float) -> None:
+    """Write the accounts that changed (and fair-share usage) to KV."""
+    dirty = gate.budgets.take_dirty()
+    if not dirty:
+        return
+    kv = await js.key_value(names.POLICY_BUCKET)
+    try:
+        for tenant, data in dirty.items():
+            await kv.put(names.usage_key(tenant), json.dumps(data).encode())
+        await kv.put(FAIRSHARE_KEY, json.dumps(gate.share.to_dict(now)).encode())
+    except Exception:
+        gate.budgets.dirty.update(dirty)  # written next time
+        raise

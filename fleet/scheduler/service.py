@@ -101,6 +101,7 @@ class Scheduler:
         self._last_tick = time.monotonic()
         self._slow_at = 0.0
         self._explain_at = 0.0
+        self._usage_at = 0.0
         self._policy: Policy | None = None
         """A new policy from KV, applied by the engine at its next round."""
 
@@ -115,6 +116,7 @@ class Scheduler:
         self.applier = Applier(nc, js, self.pub, self.ledger, self.clock, self.faults, self._keep_inputs)
         policy = await policy_store.startup(js, self.s.policy_file)
         self.ledger.configure(policy, self.clock())
+        await policy_store.load_usage(js, self.ledger.gate)
         effects = await self.applier.durably(
             "recovery", lambda: recovery.recover(js, self.ledger, self.clock())
         )
@@ -144,6 +146,8 @@ class Scheduler:
                     t.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.applier.flush_records(), 5.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(policy_store.save_usage(js, self.ledger.gate, self.clock()), 2.0)
         finally:
             with contextlib.suppress(Exception):
                 await hb_sub.unsubscribe()
@@ -278,6 +282,12 @@ class Scheduler:
                 self.ledger.explain(now, slots)
             except Exception:
                 log.exception("explaining why tasks wait failed")
+        if mono >= self._usage_at:
+            self._usage_at = mono + 5.0
+            try:
+                await policy_store.save_usage(self.js, self.ledger.gate, now)
+            except Exception as exc:
+                log.warning("saving usage failed (%s); retrying later", exc)
         if mono >= self._slow_at:
             self._slow_at = mono + 30.0
             effects += self.ledger.archive_due(now, self.s.archive_after_s)

@@ -7,13 +7,15 @@ subprocesses or in-process tasks.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from conftest import Stack, WorkerProcs, wait_for
 
-from broker import names
+from broker import names, reader
+from fleet.core.records import BudgetNotice
 
 
 async def _max_overlap(fleet: Any, job: str) -> tuple[int, int]:
@@ -165,3 +167,41 @@ async def test_tasks_go_only_to_workers_with_their_resources(stack: Stack) -> No
     assert (
         state.reason is not None and "needs gpus=8, more than any worker of queue default has" in state.reason
     )
+
+
+async def test_a_budget_warns_then_holds_until_it_is_raised(stack: Stack, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"  # 0.001 CPU-hours = 3.6 CPU-seconds
+    policy.write_text("tenants:\n  lab: {cpu_hours: 0.001, warn_at: [0.5], on_budget: hold}\n")
+    sched = await stack.start_scheduler(policy_file=str(policy))
+    await stack.start_worker(concurrency=2)
+    fleet = await stack.connect()
+    job = await fleet.submit_job("handlers:slow", items=[0.5] * 30, tenant="lab")
+
+    async def held() -> bool:
+        record = await fleet.job(job)
+        return record is not None and (record.waiting or "").startswith("budget lab cpu-hours")
+
+    await wait_for(held, timeout=30, what="the job held by its tenant's budget")
+    record = await fleet.job(job)
+    assert record is not None and 6 <= record.counts.get("succeeded", 0) < 30
+    await asyncio.sleep(1.0)  # held: nothing more starts
+    assert sched.ledger.gate.load("lab").active == 0
+    notices = [
+        BudgetNotice.from_wire(m.data)
+        async for m in reader.replay(fleet.js, names.EVENTS_STREAM, names.budget_notice_subject("lab"))
+    ]
+    assert [(n.threshold, n.held) for n in notices] == [(0.5, False), (1.0, True)]
+    assert "reached its cpu-hours budget" in notices[-1].message
+    kv = await fleet.js.key_value(names.POLICY_BUCKET)
+    await wait_for(lambda: _usage_saved(kv), timeout=10, what="usage in KV")
+    await kv.put(names.POLICY_KEY, b"tenants:\n  lab: {cpu_hours: 1000}\n")
+    record = await fleet.wait_job(job, timeout=30)
+    assert record.counts == {"succeeded": 30}
+
+
+async def _usage_saved(kv: Any) -> bool:
+    try:
+        entry = await kv.get(names.usage_key("lab"))
+    except Exception:
+        return False
+    return json.loads(entry.value)["cpu_s"] >= 3.6

@@ -38,6 +38,7 @@ WIRE_RECORDS = {
     "PrioritizeRequest",
     "TokenRequest",
     "TokenGrant",
+    "BudgetNotice",
     "TaskRecord",
     "DeadLetter",
 }
