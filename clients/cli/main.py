@@ -17,16 +17,22 @@ from rich.console import Console
 from broker.connection import url_from_env
 from broker.names import InvalidName
 from broker.server import ServerError, running_embedded
+from clients.cli import policy as policy_cli
 from clients.cli import stack, views
 from clients.sdk.client import FleetClient, FleetClientError
 from clients.sdk.jobfile import JobFileError
 from clients.sdk.jobfile import load as load_jobfile
 from fleet.core.records import RetryPolicy
+from fleet.policy.config import PolicyError
+from fleet.policy.config import load_file as load_policy_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fleet: a worker fleet on NATS JetStream.")
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
+PolicyOpt = Annotated[
+    Path | None, typer.Option("--policy", help="Scheduling policy file (YAML); stored in KV at start.")
+]
 NatsOpt = Annotated[
     str | None,
     typer.Option("--nats", help="NATS server URL(s), comma separated. Default: $FLEET_NATS_URL or embedded."),
@@ -41,6 +47,8 @@ def _fail(message: str, code: int = 1) -> None:
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except PolicyError as exc:
+        _fail(str(exc), 2)
     except (FleetClientError, JobFileError, InvalidName, stack.NoServer, ServerError, ValueError) as exc:
         _fail(str(exc))
     except (ConnectionError, OSError, TimeoutError) as exc:
@@ -66,11 +74,13 @@ def up(
     heartbeat: Annotated[float, typer.Option(help="Heartbeat interval (s).")] = 1.0,
     lease: Annotated[float, typer.Option(help="Lease (AckWait, s) when the queue is created.")] = 60.0,
     store: Annotated[Path, typer.Option(help="Embedded JetStream store.")] = stack.STATE_DIR / "data",
+    policy: PolicyOpt = None,
     verbose: bool = False,
 ) -> None:
     """Run the embedded JetStream, the scheduler and N local workers in the foreground (Ctrl-C stops all)."""
     from fleet.scheduler.service import SchedulerSettings, serve
 
+    settings = SchedulerSettings(policy_file=_checked_policy(policy))
     _logging(verbose)
     stack.STATE_DIR.mkdir(parents=True, exist_ok=True)
     with stack.server_or_embedded(nats, store, record=True) as url:
@@ -82,7 +92,7 @@ def up(
             f"fleet up: NATS {url}, scheduler + {workers} workers x {concurrency} slots. Ctrl-C to stop."
         )
         try:
-            asyncio.run(serve(url, SchedulerSettings()))
+            asyncio.run(serve(url, settings))
         except KeyboardInterrupt:
             pass
         finally:
@@ -91,15 +101,25 @@ def up(
 
 
 @app.command()
-def scheduler(nats: NatsOpt = None, store: Path = stack.STATE_DIR / "data", verbose: bool = False) -> None:
+def scheduler(
+    nats: NatsOpt = None,
+    store: Path = stack.STATE_DIR / "data",
+    policy: PolicyOpt = None,
+    verbose: bool = False,
+) -> None:
     """Run the scheduler service (starts an embedded server if no URL is given and none is running)."""
-    from fleet.scheduler.service import SchedulerSettings, serve
+    from fleet.scheduler.service import SchedulerSettings
 
+    settings = SchedulerSettings()
+    if policy is not None:
+        settings = settings.model_copy(update={"policy_file": _checked_policy(policy)})
     _logging(verbose)
     existing = nats or url_from_env() or running_embedded(stack.STATE_DIR)
     stack.STATE_DIR.mkdir(parents=True, exist_ok=True)
     with stack.server_or_embedded(existing, store, record=existing is None) as url:
-        asyncio.run(serve(url, SchedulerSettings()))
+        from fleet.scheduler.service import serve
+
+        asyncio.run(serve(url, settings))
 
 
 @app.command()
@@ -125,6 +145,12 @@ def worker(
         ),
     ] = None,
     path: Annotated[list[Path] | None, typer.Option(help="Add to sys.path for handler imports.")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPUs this worker offers (default: all).")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs this worker offers.")] = 0,
+    memory: Annotated[int | None, typer.Option(help="Memory (MB) it offers (default: all).")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="A label tasks can ask for.")
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Run one worker: pull tasks of QUEUE and run them."""
@@ -145,8 +171,34 @@ def worker(
         grace_s=grace,
         worker_id=worker_id or "",
         allow=list(allow or []),
+        gpus=gpus,
+        labels=_labels(label or []),
     )
+    if cpus is not None or memory is not None:  # else: what the machine has
+        extra: dict[str, Any] = {"cpus": cpus} if cpus is not None else {}
+        settings = settings.model_copy(update=extra | ({"memory_mb": memory} if memory is not None else {}))
     asyncio.run(serve(url, settings))
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--label {item!r}: expected KEY=VALUE", 2)
+        out[key] = value
+    return out
+
+
+def _checked_policy(path: Path | None) -> str | None:
+    """A policy file is checked before anything starts: exit 2 naming the bad entry."""
+    if path is None:
+        return None
+    try:
+        load_policy_file(str(path))
+    except PolicyError as exc:
+        _fail(str(exc), 2)
+    return str(path)
 
 
 def _url_or_fail(nats: str | None) -> str:
@@ -183,6 +235,9 @@ def submit(
                 tenant=job.tenant,
                 queue=job.queue,
                 priority=job.priority,
+                qos=job.qos,
+                project=job.project,
+                limits=job.limits,
                 retry=RetryPolicy(max_attempts=job.retries + 1, backoff_s=job.backoff),
                 timeout_s=job.timeout,
                 resources=job.resources,
@@ -441,6 +496,9 @@ def chaos(
     except ValueError as exc:
         _fail(str(exc), 2)
     raise typer.Exit(code)
+
+
+policy_cli.register(app)
 
 
 def main() -> None:

@@ -35,6 +35,10 @@ def job_json(r: JobRecord) -> dict[str, Any]:
         "stale_reports": r.stale_reports,
         "created_at": r.created_at,
         "finished_at": r.finished_at,
+        "waiting": r.waiting,
+        "priority": r.priority,
+        "qos": r.qos,
+        "project": r.project,
     }
 
 
@@ -42,6 +46,8 @@ def jobs_table(records: list[JobRecord]) -> Table:
     table = Table("job", "name", "done/total", "states", "failures", "retries", "requeues", "status")
     for r in records:
         status = "cancelled" if r.cancelled else "finished" if r.finished else "active"
+        if r.waiting and not r.finished:
+            status = f"queued: {r.waiting}"
         states = " ".join(f"{s}={r.counts[s]}" for s in STATE_ORDER if r.counts.get(s))
         fails = " ".join(f"{k}={n}" for k, n in sorted(r.failures.items()) if n)
         total = str(r.total) if r.total is not None else "?"

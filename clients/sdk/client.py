@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import msgpack
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 
 from broker import blobs, names, reader
 from broker.connection import connect, shutdown
@@ -50,6 +58,8 @@ from fleet.core.records import (
     TaskRecord,
 )
 from fleet.core.states import TERMINAL, TaskState
+from fleet.policy import config as policy_config
+from fleet.policy.config import Policy
 
 SUBMIT_WINDOW = 1000
 """Submissions published per bounded async window."""
@@ -327,6 +337,64 @@ class FleetClient:
             names.msgid_prioritize(job_id, request_id),
         )
         return request_id
+
+    # -- policy --------------------------------------------------------------------------------------
+    async def _policy_kv(self) -> Any:
+        try:
+            return await self.js.key_value(names.POLICY_BUCKET)
+        except BucketNotFoundError:
+            await ensure_bus(self.js)  # nothing ran here yet: the policy may come first
+            return await self.js.key_value(names.POLICY_BUCKET)
+
+    async def policy(self) -> tuple[Policy, int]:
+        """The stored scheduling policy and its KV revision (0 and the defaults if none is stored)."""
+        kv = await self._policy_kv()
+        try:
+            entry = await kv.get(names.POLICY_KEY)
+        except (KeyNotFoundError, NotFoundError):
+            return Policy(), 0
+        return policy_config.load((entry.value or b"").decode(), "stored policy"), int(entry.revision or 0)
+
+    async def set_policy(self, policy: Policy | str, revision: int | None = None) -> int:
+        """Check and store a policy (YAML text or a Policy); with ``revision``, only if the stored one
+        is still that revision (0: none stored). The running scheduler applies it at once."""
+        p = policy_config.load(policy) if isinstance(policy, str) else policy
+        kv = await self._policy_kv()
+        data = p.to_yaml().encode()
+        if revision is None:
+            rev = await kv.put(names.POLICY_KEY, data)
+        elif revision == 0:
+            rev = await kv.create(names.POLICY_KEY, data)
+        else:
+            rev = await kv.update(names.POLICY_KEY, data, last=revision)
+        await self.nc.publish(names.POLICY_CHANGED, b"")
+        return int(rev)
+
+    async def update_policy(self, change: Callable[[Policy], Policy], tries: int = 5) -> Policy:
+        """Read-modify-write of the stored policy, retried when someone else changed it meanwhile."""
+        for _ in range(tries):
+            current, rev = await self.policy()
+            new = change(current)
+            try:
+                await self.set_policy(new, rev)
+                return new
+            except (KeyWrongLastSequenceError, BadRequestError):
+                continue
+        raise FleetClientError("the policy kept changing under us; try again")
+
+    async def usage(self) -> dict[str, dict[str, Any]]:
+        """Usage accounts by tenant, as the scheduler last saved them (``fleet.policy.budget``)."""
+        kv = await self._policy_kv()
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            if key.startswith("usage."):
+                with contextlib.suppress(KeyNotFoundError, NotFoundError, ValueError):
+                    out[key.removeprefix("usage.")] = json.loads((await kv.get(key)).value or b"{}")
+        return out
 
     # -- following ---------------------------------------------------------------------------------
     async def job(self, job_id: str) -> JobRecord | None:

@@ -12,7 +12,8 @@
     timeout: 600
     tenant: default
     queue: default
-    priority: 5
+    priority: 5                                     # 0..9, 9 first
+    qos: normal                                     # urgent, normal or backfill
 
 Unknown keys are errors (a typo must not be silently ignored).
 """
@@ -59,6 +60,12 @@ class JobFile(BaseModel):
     tenant: str = "default"
     queue: str = "default"
     priority: int = Field(default=5, ge=0, le=9)
+    """0..9 within the tenant: 9 runs first."""
+    qos: str | None = None
+    """QoS class (urgent, normal, backfill, or one the policy names)."""
+    project: str | None = None
+    limits: dict[str, float] = {}
+    """Rate-limit tokens each task takes at dispatch (``{api-x: 1}``)."""
     retries: int = Field(default=2, ge=0, le=100)
     backoff: float = Field(default=1.0, ge=0)
     timeout: float | None = Field(default=None, gt=0)

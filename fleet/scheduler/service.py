@@ -213,8 +213,14 @@ class Scheduler:
                 await self._tick()
                 next_tick = time.monotonic() + self.s.flush_s
 
+    def _apply_policy(self, now: float) -> None:
+        if self._policy is not None:
+            self.ledger.configure(self._policy, now)
+            self._policy = None
+
     async def _process(self, handle: Handler, msgs: list[Msg]) -> None:
         now = self.clock()
+        self._apply_policy(now)
         effects: list[Effect] = []
         self._current, self._wpi_at = msgs, time.monotonic()
         for msg in msgs:
@@ -271,9 +277,7 @@ class Scheduler:
                 )
                 effects += self.ledger.worker_lost(lost.worker_id, now)
         effects += self.ledger.tick(now)
-        if self._policy is not None:
-            self.ledger.configure(self._policy, now)
-            self._policy = None
+        self._apply_policy(now)
         slots = self.slots()
         effects += self._release(now, slots)
         if mono >= self._explain_at:
