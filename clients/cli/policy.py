@@ -65,8 +65,8 @@ def show(nats: NatsOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps({"revision": rev, "policy": policy.model_dump(mode="json")}, indent=2))
     else:
-        print(f"# revision {rev}" + (" (none stored: defaults)" if rev == 0 else ""))
-        print(yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False), end="")
+        print(f"# revision {rev}" + (" (none stored: defaults)" if rev == 0 else "") + "; defaults left out")
+        print(policy.to_yaml(), end="")
 
 
 @policy_app.command("check")
@@ -183,7 +183,8 @@ def limit(
         if remove:
             limiters.pop(name, None)
         else:
-            limiters[name] = {"rate": rate, "burst": burst}
+            kept = p.limiters[name].burst if name in p.limiters else None
+            limiters[name] = {"rate": rate, "burst": burst if burst is not None else kept}
         return config.load(yaml.safe_dump(data), f"limit {name}")
 
     async def go(fleet: FleetClient) -> config.Policy:
