@@ -3,9 +3,13 @@ task, and the cost of a dispatch decision at a small and a large backlog.
 
     python -m clients.cli.bench_room --tasks 1000000 --jobs 1
     python -m clients.cli.bench_room --tasks 1000000 --jobs 1000
+    python -m clients.cli.bench_room --tasks 200000 --jobs 1 --server
 
 It drives the pure ledger the way the scheduler does (admit in batches of 512, release after each
-batch) with envelopes built like the SDK's, and reports JSON.
+batch) with envelopes built like the SDK's, and reports JSON. With ``--server`` it measures the
+whole intake path instead: the envelopes are stored in FLEET_INTAKE of an embedded nats-server
+first, then a ``fleet scheduler`` process (no workers) indexes them; it reports the rate and the
+scheduler's resident memory.
 """
 
 from __future__ import annotations
@@ -88,13 +92,117 @@ def decisions(ledger: Ledger, picks: int) -> dict[str, float]:
     return {"decisions": n, "decisions_per_s": round(n / spent) if spent else 0.0}
 
 
+def _vm(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def server_index(tasks: int, jobs: int) -> dict[str, Any]:
+    """Store ``tasks`` envelopes in FLEET_INTAKE, then time a scheduler process indexing them."""
+    import asyncio
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from broker import names
+    from broker.connection import connect, shutdown
+    from broker.provision import ensure_bus
+    from broker.publisher import Publisher
+    from broker.server import EmbeddedServer
+
+    store = Path(tempfile.mkdtemp(prefix="fleet-bench-room-"))
+    server = EmbeddedServer(store / "nats").start()
+    per_job = tasks // jobs
+
+    async def load() -> float:
+        nc = await connect(server.url)
+        js = nc.jetstream()
+        await ensure_bus(js)
+        pub = Publisher(nc)
+        t = time.perf_counter()
+        for j in range(jobs):
+            job = f"job{j:05d}"
+            base = _envelope(job, "t0000000", f"tenant{j % 4}")
+            for start in range(0, per_job, 2000):
+                outs = [
+                    (names.intake_task(job, tid), base.model_copy(update={"task_id": tid}).to_wire(), None)
+                    for tid in (f"t{i:07d}" for i in range(start, min(per_job, start + 2000)))
+                ]
+                await pub.publish_many(outs)
+        await shutdown(nc)
+        return time.perf_counter() - t
+
+    async def indexed(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+        nc = await connect(server.url)
+        kv = None
+        t0 = time.perf_counter()
+        peak = 0.0
+        try:
+            while True:
+                peak = max(peak, _vm(proc.pid, "VmRSS"))
+                if kv is None:
+                    try:
+                        kv = await nc.jetstream().key_value(names.JOBS_BUCKET)
+                    except Exception:
+                        await asyncio.sleep(0.2)
+                        continue
+                done = 0
+                for j in range(jobs):
+                    try:
+                        from fleet.core.records import JobRecord
+
+                        entry = await kv.get(f"job{j:05d}")
+                        done += JobRecord.from_wire(entry.value or b"").submitted
+                    except Exception:
+                        pass
+                if done >= jobs * per_job:
+                    return time.perf_counter() - t0, peak
+                await asyncio.sleep(0.5)
+        finally:
+            await shutdown(nc)
+
+    try:
+        load_s = asyncio.run(load())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clients.cli.main", "scheduler", "--nats", server.url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            spent, rss = asyncio.run(indexed(proc))
+            hwm = _vm(proc.pid, "VmHWM")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    finally:
+        server.stop()
+    return {
+        "server_tasks": jobs * per_job,
+        "server_jobs": jobs,
+        "stored_in_s": round(load_s, 1),
+        "indexed_in_s_incl_start": round(spent, 1),
+        "server_index_rate_per_s": round(jobs * per_job / spent),
+        "scheduler_rss_mb": round(rss, 1),
+        "scheduler_peak_rss_mb": round(hwm, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=1_000_000)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--tenants", type=int, default=4)
     ap.add_argument("--picks", type=int, default=10_000)
+    ap.add_argument("--server", action="store_true", help="Measure the intake path of a real scheduler.")
     args = ap.parse_args(argv)
+    if args.server:
+        measured = server_index(args.tasks, args.jobs)
+        print(json.dumps(measured, indent=2))
+        return measured
     small = Ledger()
     index(small, 2 * args.picks, 1, args.tenants)
     small_dec = decisions(small, args.picks)
