@@ -97,6 +97,20 @@ def set_(file: Path, nats: NatsOpt = None) -> None:
           f"limiters changed: {', '.join(limits) or 'none'}")  # fmt: skip
 
 
+def _change(nats: str | None, change: Any) -> config.Policy:
+    """Apply ``change`` (Policy -> Policy) to the stored policy with compare-and-set, or just read
+    it when ``change`` is None; a change that makes the policy invalid exits 2 naming the entry."""
+
+    async def go(fleet: FleetClient) -> config.Policy:
+        return await fleet.update_policy(change) if change is not None else (await fleet.policy())[0]
+
+    try:
+        policy: config.Policy = _with_fleet(nats, go)
+    except config.PolicyError as exc:
+        _cli()._fail(str(exc), 2)
+    return policy
+
+
 def _opt_int(value: str | None, what: str) -> tuple[bool, int | None]:
     """(given, value) for options that take a number or ``none`` (no cap)."""
     if value is None:
@@ -146,15 +160,7 @@ def quota(
         data["tenants"][tenant] = {**p.tenant(tenant).model_dump(mode="json"), **changes}
         return config.load(yaml.safe_dump(data), f"quota {tenant}")
 
-    async def go(fleet: FleetClient) -> config.Policy:
-        if changes:
-            return await fleet.update_policy(change)
-        return (await fleet.policy())[0]
-
-    try:
-        policy = _with_fleet(nats, go)
-    except config.PolicyError as exc:
-        _cli()._fail(str(exc), 2)
+    policy = _change(nats, change if changes else None)
     t = policy.tenant(tenant)
     if as_json:
         print(json.dumps({"tenant": tenant, **t.model_dump(mode="json")}, indent=2))
@@ -187,15 +193,7 @@ def limit(
             limiters[name] = {"rate": rate, "burst": burst if burst is not None else kept}
         return config.load(yaml.safe_dump(data), f"limit {name}")
 
-    async def go(fleet: FleetClient) -> config.Policy:
-        if name is not None and (remove or rate is not None):
-            return await fleet.update_policy(change)
-        return (await fleet.policy())[0]
-
-    try:
-        policy = _with_fleet(nats, go)
-    except config.PolicyError as exc:
-        _cli()._fail(str(exc), 2)
+    policy = _change(nats, change if name is not None and (remove or rate is not None) else None)
     rows = {n: lp.model_dump(mode="json") for n, lp in sorted(policy.limiters.items())}
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -180,15 +180,7 @@ class Dispatching:
                 if entry is None:
                     job = self.job(got.job_id, now)
                     env = self._fresh.get(got.seq) if got.seq is not None else None
-                    entry = job.tasks[got.task_id] = TaskEntry(
-                        job_id=got.job_id,
-                        task_id=got.task_id,
-                        state=TaskState.QUEUED,
-                        queue=queue,
-                        shape=got.shape,
-                        priority=got.priority,
-                        intake_seq=got.seq,
-                    )
+                    entry = self._entry(job, got.task_id, got.seq, queue, got.shape, got.priority)
                     if env is not None and env.payload.ref:
                         entry.blobs = (names.blob_name(got.job_id, env.payload.ref),)
                 entry.waiting = False
@@ -255,11 +247,18 @@ class Dispatching:
         if got is None:
             return None
         seq, place, band, shape = got
+        return self._entry(job, task_id, seq, place.queue, shape, band)
+
+    @staticmethod
+    def _entry(
+        job: JobStats, task_id: str, seq: int | None, queue: str, shape: Shape, band: int
+    ) -> TaskEntry:
+        """A new task out of its lane gets an entry of its own (still QUEUED, counted already)."""
         entry = job.tasks[task_id] = TaskEntry(
             job_id=job.job_id,
             task_id=task_id,
             state=TaskState.QUEUED,
-            queue=place.queue,
+            queue=queue,
             shape=shape,
             priority=band,
             intake_seq=seq,
