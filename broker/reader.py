@@ -68,3 +68,12 @@ async def count(js: JetStreamContext, stream: str, subject: str) -> int:
     except NotFoundError:
         return 0
     return sum((info.state.subjects or {}).values())
+
+
+def stream_seq(msg: Msg) -> int:
+    """A JetStream message's stream sequence, read straight from its ack subject (the full
+    ``msg.metadata`` parse costs more than a cheap admission)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[5])
+    return msg.metadata.sequence.stream  # the longer form, with domain and account hash

@@ -42,8 +42,27 @@ def intern_shape(
     return _SHAPES.setdefault(shape, shape)
 
 
+_BY_FIELDS: dict[tuple[object, ...], Shape] = {}
+
+
 def shape_of(env: TaskEnvelope) -> Shape:
-    return intern_shape(env.retry, env.resources, env.limits)
+    """The interned shape of an envelope (looked up by field values: hashing the pydantic models
+    themselves costs more than the rest of an admission)."""
+    res = env.resources
+    key = (
+        tuple(env.retry.__dict__.values()),
+        res.cpus,
+        res.gpus,
+        res.memory_mb,
+        tuple(res.labels.items()),
+        tuple(env.limits.items()),
+    )
+    shape = _BY_FIELDS.get(key)
+    if shape is None:
+        if len(_BY_FIELDS) > 100_000:
+            _BY_FIELDS.clear()
+        shape = _BY_FIELDS[key] = intern_shape(env.retry, env.resources, env.limits)
+    return shape
 
 
 @dataclasses.dataclass(slots=True)

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker import names
+from broker import names, reader
 from broker.codec import DecodeError
 from broker.connection import connect, shutdown
 from broker.provision import SCHEDULER_ACK_WAIT_S, BusConfig, ensure_bus
@@ -305,7 +305,7 @@ class Scheduler:
         _expect(msg.subject, names.intake_task(env.job_id, env.task_id))
         if self.ledger.is_pruned(env.job_id) and self.ledger.task(env.job_id, env.task_id) is None:
             await recovery.lookup_task(self.js, self.ledger, env.job_id, env.task_id)
-        return self.ledger.admit(env, now, intake_seq=msg.metadata.sequence.stream)
+        return self.ledger.admit(env, now, intake_seq=reader.stream_seq(msg))
 
     async def _on_control(self, msg: Msg, now: float) -> list[Effect]:
         kind = msg.subject.split(".")[2] if msg.subject.count(".") >= 2 else ""
