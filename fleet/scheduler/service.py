@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +30,7 @@ from broker.codec import DecodeError
 from broker.connection import connect, shutdown
 from broker.provision import SCHEDULER_ACK_WAIT_S, BusConfig, ensure_bus
 from broker.publisher import Publisher
+from broker.puller import Puller
 from fleet.core.effects import Effect
 from fleet.core.ledger import Ledger
 from fleet.core.liveness import WorkerTable
@@ -125,7 +125,7 @@ class Scheduler:
         await self.applier.apply(effects)
         await recovery.release_inputs(js)
         subs = [
-            (await js.pull_subscribe_bind(c, stream=s), h)
+            (await Puller(nc, s, c).start(), h)
             for c, s, h in (
                 (names.CONTROL_CONSUMER, names.INTAKE_STREAM, self._on_control),
                 (names.INTAKE_CONSUMER, names.INTAKE_STREAM, self._on_intake),
@@ -174,7 +174,7 @@ class Scheduler:
         self.workers.refresh(time.monotonic())  # nobody is blamed for our own outage
 
     # -- the engine ---------------------------------------------------------------------------------
-    async def _fetch(self, psub: JetStreamContext.PullSubscription, handle: Handler) -> None:
+    async def _fetch(self, psub: Puller, handle: Handler) -> None:
         reports = handle == self._on_report
         while True:
             try:
