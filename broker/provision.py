@@ -161,10 +161,12 @@ another scheduler gets them (a live one keeps slow batches with ``+WPI``; a rest
 resets its consumers at start)."""
 
 
-def _scheduler_consumer(name: str, **kw: object) -> api.ConsumerConfig:
+def _scheduler_consumer(name: str, ack_all: bool = True, **kw: object) -> api.ConsumerConfig:
+    """``ack_all``: one ack covers a whole batch (the scheduler applies a batch in order, then acks
+    its last message); a work-queue stream requires explicit acks."""
     return api.ConsumerConfig(
         durable_name=name,
-        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_policy=api.AckPolicy.ALL if ack_all else api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_wait=SCHEDULER_ACK_WAIT_S,
         max_ack_pending=100_000,
@@ -187,7 +189,7 @@ async def ensure_bus(
         ),
         (
             names.REPORTS_STREAM,
-            _scheduler_consumer(names.REPORTS_CONSUMER, filter_subject=names.REPORTS_SUBJECTS),
+            _scheduler_consumer(names.REPORTS_CONSUMER, ack_all=False, filter_subject=names.REPORTS_SUBJECTS),
         ),
     ]
     for stream, want in consumers:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import api
 from nats.js.errors import FetchTimeoutError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -102,6 +103,7 @@ class Scheduler:
         self._slow_at = 0.0
         self._explain_at = 0.0
         self._usage_at = 0.0
+        self._ack_all: dict[Handler, bool] = {}
         self._policy: Policy | None = None
         """A new policy from KV, applied by the engine at its next round."""
 
@@ -124,14 +126,15 @@ class Scheduler:
             self.workers.seed(worker_id, time.monotonic())
         await self.applier.apply(effects)
         await recovery.release_inputs(js)
-        subs = [
-            (await Puller(nc, s, c).start(), h)
-            for c, s, h in (
-                (names.CONTROL_CONSUMER, names.INTAKE_STREAM, self._on_control),
-                (names.INTAKE_CONSUMER, names.INTAKE_STREAM, self._on_intake),
-                (names.REPORTS_CONSUMER, names.REPORTS_STREAM, self._on_report),
-            )
-        ]
+        subs = []
+        for c, s, h in (
+            (names.CONTROL_CONSUMER, names.INTAKE_STREAM, self._on_control),
+            (names.INTAKE_CONSUMER, names.INTAKE_STREAM, self._on_intake),
+            (names.REPORTS_CONSUMER, names.REPORTS_STREAM, self._on_report),
+        ):
+            info = await js.consumer_info(s, c)
+            self._ack_all[h] = info.config.ack_policy == api.AckPolicy.ALL  # older stores: explicit
+            subs.append((await Puller(nc, s, c).start(), h))
         hb_sub = await nc.subscribe(names.HEARTBEATS, cb=self._on_heartbeat)
         token_sub = await nc.subscribe(names.TOKENS, cb=self._on_tokens)
         log.info("scheduler ready on %s", self.url)
@@ -237,7 +240,9 @@ class Scheduler:
                 )
         effects += self._release(now, self.slots())
         await self.applier.apply(effects)  # retries until stored
-        for msg in msgs:
+        # one ack covers the whole batch where the consumer acks all up to a message (a batch is
+        # applied in order and completely before the next is fetched)
+        for msg in msgs[-1:] if self._ack_all.get(handle) else msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
         self._current = []
