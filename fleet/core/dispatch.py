@@ -11,7 +11,7 @@ The ledger (``fleet.core.ledger``) calls :meth:`_enqueue` wherever a task must w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from broker import names
 from fleet.core.effects import Dispatch, Effect
@@ -22,7 +22,7 @@ from fleet.core.tasks import Shape, TaskEntry
 from fleet.policy.config import Policy
 from fleet.policy.gate import DEFAULT_PROJECT, Gate
 from fleet.policy.resources import needs_placement
-from fleet.policy.room import BANDS, Place, Room
+from fleet.policy.room import Place, Room
 
 ENVELOPE_CACHE = 20_000
 """Waiting tasks whose envelopes stay in memory (about 1 KB each)."""
@@ -323,8 +323,5 @@ class Dispatching:
         cnode = qnode.kids.get(place.qos)
         return cnode is not None and sum(1 for k in cnode.kids.values() if k.n) > 1
 
-    def waiting_entries(self, job: JobStats) -> Iterable[TaskEntry]:
-        return (e for e in job.tasks.values() if e.waiting)
 
-
-__all__ = ["BANDS", "Dispatching"]
+__all__ = ["Dispatching"]

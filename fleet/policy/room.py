@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from fleet.core.tasks import Shape, TaskEntry
@@ -93,7 +93,12 @@ class Lane:
                 yield task_id, self.seqs[i]
 
     def has(self, seq: int) -> bool:
-        return seq <= self.top and seq in self.seqs[self.head :]
+        if seq > self.top:
+            return False
+        try:  # no copy of the array: search it, then check the hit is still waiting
+            return self.seqs.index(seq, self.head) >= self.head
+        except ValueError:
+            return False
 
     def _compact(self) -> None:
         if self.head >= 4096 and self.head * 2 >= len(self.ids):
@@ -348,7 +353,9 @@ class Room:
             yield place, shape
 
 
-def _smallest(node: Node, blocked: set[str], block, key) -> str | None:  # type: ignore[no-untyped-def]
+def _smallest(
+    node: Node, blocked: set[str], block: Callable[[str], str | None], key: Callable[[str], float]
+) -> str | None:
     best, best_key = None, 0.0
     for name, kid in node.kids.items():
         if kid.n == 0 or name in blocked:
